@@ -1,0 +1,1 @@
+"""Simulated device fleet: real device behaviour over HTTP, running TFLite plans."""
