@@ -1,0 +1,149 @@
+"""Streaming sum of a round's device updates: zero, clip, add (memory independent of clients).
+
+This is the client-to-server half of TFF's DP-FedAvg aggregation (`DifferentiallyPrivateFactory`
+wrapped, when configured, in `zeroing_factory`; McMahan et al. 2018, arXiv 1710.17220), done one
+update at a time as uploads are read from the blob store:
+
+1. non-finite record -> zeroed and counted (TFF `zero_all_if_any_non_finite`; uploads are
+   already rejected by `checkpoints.decode_update`, this is defence in depth);
+2. L-inf norm above `AggregationSpec.zeroing_norm` (> 0) -> zeroed and counted;
+3. clipped on the server to the query's L2 bound whatever the device did, counting clipped
+   records (adaptive clipping will need that count);
+4. added to a float64 running sum. TFF sums in the tensors' dtype (float32); a float64 sum cast
+   once at the end is at least as accurate and differs from TFF only by float32 rounding.
+
+Zeroed records still count as records, as in TFF. Metric state is summed alongside, after
+per-device clamping (see `metrics.clamp_state`). For an EVALUATION plan only metric state is
+accumulated (`fedavg.finalize_evaluation`).
+"""
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from fcp_server.aggregation import dp, metrics, queries
+from fcp_server.aggregation.state import ClientUpdate, Tensor, Tensors
+from fcp_server.protos import plan_pb2
+
+
+@dataclasses.dataclass(frozen=True)
+class AddResult:
+    """What happened to one update when it was added."""
+
+    # Global L2 norm of the update as received (NaN if it was non-finite).
+    l2_norm: float
+    non_finite: bool
+    zeroed: bool
+    clipped: bool
+
+
+class RoundAccumulator:
+    """Running sums of one round; holds one float64 array per tensor, never the updates."""
+
+    def __init__(
+        self,
+        plan: plan_pb2.ServerPlan,
+        aggregator_state: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Prepares empty sums for the plan's model and metrics.
+
+        Args:
+            plan: The round's server plan.
+            aggregator_state: `ServerState.aggregator_state` (the current clip of adaptive
+                aggregators, once supported).
+
+        Raises:
+            queries.UnsupportedAggregation: If the plan's DP aggregator is not implemented.
+            ValueError: If the plan's aggregation or metric specs are invalid.
+        """
+        evaluation = plan.kind == plan_pb2.PlanKind.EVALUATION
+        # Evaluation devices upload metric state only: no model delta, nothing to privatise.
+        self.query: queries.AggregationQuery = (
+            queries.UnweightedMeanQuery()
+            if evaluation
+            else queries.make_query(plan.aggregation, aggregator_state)
+        )
+        self._clip = self.query.record_clip()
+        self._zeroing_norm = plan.aggregation.zeroing_norm
+        if self._zeroing_norm < 0.0:
+            raise ValueError(f"zeroing_norm must be >= 0, found {self._zeroing_norm}.")
+        self._shapes = [] if evaluation else [tuple(t.shape) for t in plan.model.trainable]
+        self._sum = [np.zeros(s, dtype=np.float64) for s in self._shapes]
+        self._metric_specs = {m.name: m for m in plan.metrics}
+        for spec in plan.metrics:
+            metrics.validate_metric_spec(spec)
+        self._metric_sums = {
+            m.name: np.zeros(metrics.state_size(m), dtype=np.float64) for m in plan.metrics
+        }
+        self.num_updates = 0
+        self.num_examples = 0
+        self.clipped_count = 0
+        self.non_finite_count = 0
+        self.zeroed_count = 0
+
+    def add(self, update: ClientUpdate) -> AddResult:
+        """Zeroes/clips one update and adds it (and its metric state) to the sums.
+
+        Args:
+            update: A decoded update (see `checkpoints.decode_update`).
+
+        Returns:
+            What was done to the update.
+
+        Raises:
+            ValueError: If the update does not have the plan's tensor shapes or metrics.
+        """
+        self._check_shapes(update)
+        record: Tensors = tuple(t.astype(np.float64) for t in update.trainable)
+        record, non_finite = dp.zero_non_finite(record)
+        norm = float("nan") if non_finite else dp.global_l2_norm(record)
+        zeroed = clipped = False
+        if not non_finite and self._zeroing_norm > 0.0:
+            record, zeroed = dp.zero_if_linf_exceeds(record, self._zeroing_norm)
+        if not (non_finite or zeroed) and self._clip is not None:
+            record, _, clipped = dp.clip_l2(record, self._clip)
+        for total, tensor in zip(self._sum, record, strict=True):
+            total += tensor
+        self._add_metrics(update)
+        self.num_updates += 1
+        self.num_examples += max(update.num_examples, 0)
+        self.non_finite_count += int(non_finite)
+        self.zeroed_count += int(zeroed)
+        self.clipped_count += int(clipped)
+        return AddResult(l2_norm=norm, non_finite=non_finite, zeroed=zeroed, clipped=clipped)
+
+    def _check_shapes(self, update: ClientUpdate) -> None:
+        if len(update.trainable) != len(self._shapes):
+            raise ValueError(
+                f"Update has {len(update.trainable)} trainable tensors, "
+                f"the plan has {len(self._shapes)}."
+            )
+        for i, (tensor, shape) in enumerate(zip(update.trainable, self._shapes, strict=True)):
+            if tensor.shape != shape:
+                raise ValueError(f"trainable/{i} has shape {tensor.shape}, expected {shape}.")
+        if set(update.metrics) != set(self._metric_specs):
+            raise ValueError(
+                f"Update reports metrics {sorted(update.metrics)}, "
+                f"the plan has {sorted(self._metric_specs)}."
+            )
+
+    def _add_metrics(self, update: ClientUpdate) -> None:
+        for name, spec in self._metric_specs.items():
+            state = metrics.flatten_state(update.metrics[name])
+            if state.size != self._metric_sums[name].size:
+                raise ValueError(
+                    f"Metric {name!r} state has {state.size} elements, "
+                    f"expected {self._metric_sums[name].size}."
+                )
+            # Defence in depth, as for the update: a non-finite state contributes nothing.
+            state = np.where(np.isfinite(state), state, 0.0)
+            self._metric_sums[name] += metrics.clamp_state(spec, state, update.num_examples)
+
+    def update_sum(self) -> Tensors:
+        """Returns a copy of the sum of the processed updates (float64)."""
+        return tuple(t.copy() for t in self._sum)
+
+    def metric_sums(self) -> dict[str, metrics.FloatArray]:
+        """Returns copies of the summed, flattened metric states by metric name."""
+        return {name: s.copy() for name, s in self._metric_sums.items()}

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+
+from fcp_server.aggregation import dp
+from fcp_server.aggregation.accumulator import RoundAccumulator
+from fcp_server.aggregation.queries import UnsupportedAggregation
+from fcp_server.aggregation.state import ClientUpdate
+from fcp_server.protos import task_builder_pb2
+from tests.unit.aggregation.plan_builders import (
+    AUC_STATE,
+    NUM_THRESHOLDS,
+    TRAINABLE_SHAPES,
+    constant_update,
+    make_plan,
+    make_update,
+)
+
+DpType = task_builder_pb2.DpAggregator
+
+
+def test_small_updates_are_summed_unchanged():
+    acc = RoundAccumulator(make_plan(clip_norm=10.0))
+    acc.add(constant_update(0.1))
+    acc.add(constant_update(0.2))
+    total = acc.update_sum()
+    for t, shape in zip(total, TRAINABLE_SHAPES, strict=True):
+        assert t.dtype == np.float64
+        np.testing.assert_allclose(t, np.full(shape, 0.3), rtol=1e-6)
+    assert (acc.num_updates, acc.clipped_count, acc.num_examples) == (2, 0, 20)
+
+
+def test_server_clips_whatever_the_device_did():
+    acc = RoundAccumulator(make_plan(clip_norm=1.0))
+    result = acc.add(constant_update(1e30))
+    assert result.clipped
+    assert result.l2_norm > 1e30
+    assert dp.global_l2_norm(acc.update_sum()) == pytest.approx(1.0, rel=1e-9)
+    assert acc.clipped_count == 1
+
+
+def test_non_finite_updates_are_zeroed_and_counted_but_still_records():
+    acc = RoundAccumulator(make_plan(clip_norm=1.0))
+    bad = (np.full((3, 2), np.nan, np.float32), np.zeros(2, np.float32))
+    result = acc.add(make_update(bad))
+    acc.add(constant_update(0.1))
+    assert result.non_finite and not result.clipped
+    assert acc.non_finite_count == 1
+    assert acc.num_updates == 2
+    np.testing.assert_allclose(acc.update_sum()[1], [0.1, 0.1], rtol=1e-6)
+
+
+def test_zeroing_by_linf_happens_before_clipping():
+    acc = RoundAccumulator(make_plan(clip_norm=1.0, zeroing_norm=100.0))
+    result = acc.add(constant_update(101.0))
+    acc.add(constant_update(50.0))
+    assert result.zeroed and not result.clipped
+    assert (acc.zeroed_count, acc.clipped_count, acc.num_updates) == (1, 1, 2)
+    assert dp.global_l2_norm(acc.update_sum()) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_without_dp_there_is_no_clipping_as_tff_unweighted_mean():
+    acc = RoundAccumulator(make_plan(dp_type=DpType.UNKNOWN, clip_norm=0.0))
+    acc.add(constant_update(1000.0))
+    np.testing.assert_allclose(acc.update_sum()[1], [1000.0, 1000.0])
+    assert acc.clipped_count == 0
+
+
+@pytest.mark.parametrize(
+    "dp_type", [DpType.ADAPTIVE_GAUSSIAN, DpType.TREE_AGGREGATION, DpType.ADAPTIVE_TREE]
+)
+def test_unsupported_aggregators_fail_before_any_update(dp_type):
+    with pytest.raises(UnsupportedAggregation):
+        RoundAccumulator(make_plan(dp_type=dp_type))
+
+
+def test_metric_state_is_summed_with_per_device_bounds():
+    acc = RoundAccumulator(make_plan())
+    acc.add(make_update(constant_update(0.0).trainable, num_examples=10, loss=(1e9, 10.0)))
+    acc.add(make_update(constant_update(0.0).trainable, num_examples=4, loss=(-2.0, 4.0)))
+    sums = acc.metric_sums()
+    # loss total bounded by max_state_per_example (100) x num_examples (10); a RATIO
+    # numerator may be negative.
+    np.testing.assert_allclose(sums["loss"], [1000.0 - 2.0, 14.0])
+    np.testing.assert_allclose(sums["auc"], 2 * np.ravel(AUC_STATE))
+
+
+def test_negative_and_non_finite_metric_counts_contribute_nothing():
+    update = make_update(constant_update(0.0).trainable, num_examples=3)
+    metrics = dict(update.metrics)
+    tp = np.array([-5, np.nan, 2, 9, 1], np.float32)
+    metrics["auc"] = (tp, *update.metrics["auc"][1:])
+    assert tp.size == NUM_THRESHOLDS
+    acc = RoundAccumulator(make_plan())
+    acc.add(ClientUpdate(update.trainable, 3, metrics))
+    # -5 -> 0, NaN -> 0, 9 -> 3 (max 1 per example x 3 examples).
+    np.testing.assert_allclose(acc.metric_sums()["auc"][:NUM_THRESHOLDS], [0, 0, 2, 3, 1])
+
+
+def test_shape_and_metric_mismatches_are_rejected():
+    acc = RoundAccumulator(make_plan())
+    with pytest.raises(ValueError, match="trainable/0"):
+        acc.add(make_update((np.zeros((2, 2), np.float32), np.zeros(2, np.float32))))
+    with pytest.raises(ValueError, match="1 trainable tensors, the plan has 2"):
+        acc.add(make_update((np.zeros((3, 2), np.float32),)))
+    with pytest.raises(ValueError, match="metrics"):
+        acc.add(make_update(constant_update(0.0).trainable, with_metrics=False))
+    assert acc.num_updates == 0
+
+
+def test_memory_does_not_grow_with_the_number_of_updates():
+    acc = RoundAccumulator(make_plan(clip_norm=1.0))
+
+    def held_bytes() -> tuple[int, int]:
+        arrays = [*acc.update_sum(), *acc.metric_sums().values()]
+        return sum(a.nbytes for a in arrays), len(vars(acc))
+
+    before = held_bytes()
+    for i in range(500):
+        acc.add(constant_update(float(i)))
+    assert held_bytes() == before
+    assert acc.num_updates == 500

@@ -1,0 +1,114 @@
+import math
+
+import numpy as np
+import pytest
+
+from fcp_server.aggregation import dp
+from fcp_server.aggregation.state import Tensor
+
+
+def _tensors() -> tuple[Tensor, Tensor]:
+    return (np.array([[3.0, 0.0], [0.0, 0.0]], np.float32), np.array([4.0], np.float32))
+
+
+def test_global_norms_span_all_tensors():
+    assert dp.global_l2_norm(_tensors()) == pytest.approx(5.0)
+    assert dp.global_linf_norm(_tensors()) == pytest.approx(4.0)
+    assert dp.global_linf_norm([np.zeros(0, np.float32)]) == 0.0
+
+
+def test_clip_l2_keeps_a_record_within_the_bound():
+    clipped, norm, was_clipped = dp.clip_l2(_tensors(), 5.0)
+    assert not was_clipped
+    assert norm == pytest.approx(5.0)
+    for out, original in zip(clipped, _tensors(), strict=True):
+        np.testing.assert_array_equal(out, original)
+        assert out.dtype == original.dtype
+
+
+def test_clip_l2_scales_to_the_bound_like_clip_by_global_norm():
+    clipped, norm, was_clipped = dp.clip_l2(_tensors(), 1.0)
+    assert was_clipped
+    assert norm == pytest.approx(5.0)
+    assert dp.global_l2_norm(clipped) == pytest.approx(1.0, rel=1e-6)
+    # Same direction: every element scaled by clip / norm.
+    np.testing.assert_allclose(clipped[1], [0.8], rtol=1e-6)
+    np.testing.assert_allclose(clipped[0], [[0.6, 0.0], [0.0, 0.0]], rtol=1e-6)
+    assert clipped[0].dtype == np.float32
+
+
+def test_clip_l2_bounds_a_huge_adversarial_record():
+    huge = (np.full((1000,), 1e30), np.full((3,), -1e30))
+    clipped, _, was_clipped = dp.clip_l2(huge, 0.5)
+    assert was_clipped
+    assert dp.global_l2_norm(clipped) == pytest.approx(0.5, rel=1e-9)
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, math.inf, math.nan])
+def test_clip_l2_rejects_a_bad_clip(clip):
+    with pytest.raises(ValueError, match="clip"):
+        dp.clip_l2(_tensors(), clip)
+
+
+def test_clip_l2_rejects_non_finite_records():
+    with pytest.raises(ValueError, match="finite"):
+        dp.clip_l2((np.array([np.nan]),), 1.0)
+
+
+def test_zeroing_by_linf_norm_is_strictly_greater_than():
+    kept, zeroed = dp.zero_if_linf_exceeds(_tensors(), 4.0)
+    assert not zeroed
+    np.testing.assert_array_equal(kept[1], [4.0])
+    out, zeroed = dp.zero_if_linf_exceeds(_tensors(), 3.9)
+    assert zeroed
+    assert all(not t.any() for t in out)
+    assert [t.shape for t in out] == [(2, 2), (1,)]
+    with pytest.raises(ValueError, match="zeroing_norm"):
+        dp.zero_if_linf_exceeds(_tensors(), 0.0)
+
+
+def test_zero_non_finite_zeroes_the_whole_record():
+    record = (np.array([1.0, 2.0]), np.array([np.inf]))
+    out, non_finite = dp.zero_non_finite(record)
+    assert non_finite
+    assert all(not t.any() for t in out)
+    out, non_finite = dp.zero_non_finite(_tensors())
+    assert not non_finite
+    np.testing.assert_array_equal(out[1], [4.0])
+
+
+def test_noise_stddev_is_z_times_clip():
+    assert dp.noise_stddev(1.5, 0.2) == pytest.approx(0.3)
+    assert dp.noise_stddev(0.0, 0.2) == 0.0
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        dp.noise_stddev(-1.0, 1.0)
+    with pytest.raises(ValueError, match="clip"):
+        dp.noise_stddev(1.0, 0.0)
+
+
+def test_gaussian_noise_has_the_requested_moments():
+    n = 200_000
+    std = 2.5
+    rng = np.random.default_rng(1234)
+    (noised,) = dp.add_gaussian_noise([np.zeros(n, np.float64)], std, rng)
+    # The sample std of n normals has standard error ~ std / sqrt(2n); allow 6 of them.
+    assert abs(noised.std() - std) < 6 * std / math.sqrt(2 * n)
+    assert abs(noised.mean()) < 6 * std / math.sqrt(n)
+
+
+def test_gaussian_noise_keeps_dtype_and_shape_and_zero_std_is_identity():
+    x = (np.ones((3, 2), np.float32),)
+    (out,) = dp.add_gaussian_noise(x, 0.0, np.random.default_rng(0))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, x[0])
+    with pytest.raises(ValueError, match="floating"):
+        dp.add_gaussian_noise((np.ones(2, np.int64),), 1.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="std"):
+        dp.add_gaussian_noise(x, -1.0, np.random.default_rng(0))
+
+
+def test_noise_rng_is_seeded_from_os_entropy():
+    a, b = dp.make_noise_rng(), dp.make_noise_rng()
+    assert isinstance(a, np.random.Generator)
+    # Two independently seeded generators agree on 8 normals with probability ~0.
+    assert not np.array_equal(a.normal(size=8), b.normal(size=8))
