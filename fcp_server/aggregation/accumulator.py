@@ -8,7 +8,8 @@ update at a time as uploads are read from the blob store:
    already rejected by `checkpoints.decode_update`, this is defence in depth);
 2. L-inf norm above `AggregationSpec.zeroing_norm` (> 0) -> zeroed and counted;
 3. clipped on the server to the query's L2 bound whatever the device did, counting clipped
-   records (adaptive clipping will need that count);
+   records, and, for adaptive clipping, counting records whose norm is at most the query's
+   quantile threshold (a zeroed record has norm 0, as TFF's zeroed values do);
 4. added to a float64 running sum. TFF sums in the tensors' dtype (float32); a float64 sum cast
    once at the end is at least as accurate and differs from TFF only by float32 rounding.
 
@@ -50,12 +51,12 @@ class RoundAccumulator:
 
         Args:
             plan: The round's server plan.
-            aggregator_state: `ServerState.aggregator_state` (the current clip of adaptive
-                aggregators, once supported).
+            aggregator_state: `ServerState.aggregator_state` (the current clip, quantile
+                estimate and noise trees of the adaptive and tree aggregators).
 
         Raises:
-            queries.UnsupportedAggregation: If the plan's DP aggregator is not implemented.
-            ValueError: If the plan's aggregation or metric specs are invalid.
+            ValueError: If the plan's aggregation or metric specs, or the aggregator state,
+                are invalid.
         """
         evaluation = plan.kind == plan_pb2.PlanKind.EVALUATION
         # Evaluation devices upload metric state only: no model delta, nothing to privatise.
@@ -65,6 +66,7 @@ class RoundAccumulator:
             else queries.make_query(plan.aggregation, aggregator_state)
         )
         self._clip = self.query.record_clip()
+        self._threshold = self.query.quantile_threshold()
         self._zeroing_norm = plan.aggregation.zeroing_norm
         if self._zeroing_norm < 0.0:
             raise ValueError(f"zeroing_norm must be >= 0, found {self._zeroing_norm}.")
@@ -81,6 +83,8 @@ class RoundAccumulator:
         self.clipped_count = 0
         self.non_finite_count = 0
         self.zeroed_count = 0
+        # Records whose L2 norm was <= the query's quantile threshold (adaptive clipping).
+        self.below_threshold_count = 0
 
     def add(self, update: ClientUpdate) -> AddResult:
         """Zeroes/clips one update and adds it (and its metric state) to the sums.
@@ -103,6 +107,10 @@ class RoundAccumulator:
             record, zeroed = dp.zero_if_linf_exceeds(record, self._zeroing_norm)
         if not (non_finite or zeroed) and self._clip is not None:
             record, _, clipped = dp.clip_l2(record, self._clip)
+        if self._threshold is not None:
+            # A zeroed (or non-finite, hence zeroed) record reaches the query as zeros.
+            effective_norm = 0.0 if (non_finite or zeroed) else norm
+            self.below_threshold_count += int(effective_norm <= self._threshold)
         for total, tensor in zip(self._sum, record, strict=True):
             total += tensor
         self._add_metrics(update)
@@ -139,6 +147,10 @@ class RoundAccumulator:
             # Defence in depth, as for the update: a non-finite state contributes nothing.
             state = np.where(np.isfinite(state), state, 0.0)
             self._metric_sums[name] += metrics.clamp_state(spec, state, update.num_examples)
+
+    def below_threshold(self) -> int | None:
+        """Returns the below-threshold count for the query, None when it does not adapt."""
+        return None if self._threshold is None else self.below_threshold_count
 
     def update_sum(self) -> Tensors:
         """Returns a copy of the sum of the processed updates (float64)."""

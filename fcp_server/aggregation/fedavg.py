@@ -3,7 +3,7 @@
 Reads top to bottom like the `next_fn` of TFF's `build_unweighted_fed_avg` (McMahan et al.
 2017, arXiv 1602.05629; with DP, McMahan et al. 2018, arXiv 1710.17220):
 
-    aggregate (query: noise + fixed denominator, or plain mean)
+    aggregate (query: noise + fixed denominator and the next aggregator state, or plain mean)
       -> finalizer (server optimizer; a non-finite aggregate is not applied, as TFF's
          `reject_non_finite_update`, and `update_non_finite` = 1)
       -> metrics (finalized client metrics, aggregator counts, DP facts).
@@ -86,11 +86,15 @@ def finalize_round(
     weights = server_state.weights.trainable
     _check_same_shapes(acc.update_sum(), weights)
     expected = plan.aggregation.clients_per_round
-    if isinstance(acc.query, queries.FixedGaussianQuery) and acc.num_updates != expected:
+    dp_query = not isinstance(acc.query, queries.UnweightedMeanQuery)
+    if dp_query and acc.num_updates != expected:
         # The noise is calibrated for `clients_per_round` records; fewer dilute the signal.
         _LOG.warning("Aggregating %d updates, the plan expects %d.", acc.num_updates, expected)
-    # 1. Aggregate: noise and the fixed denominator, or the plain mean.
-    result = acc.query.finalize(acc.update_sum(), acc.num_updates, rng)
+    # 1. Aggregate: noise and the fixed denominator (plus the next aggregator state), or the
+    #    plain mean.
+    result = acc.query.finalize(
+        acc.update_sum(), acc.num_updates, rng, below_threshold=acc.below_threshold()
+    )
     with np.errstate(over="ignore"):  # An overflow becomes inf and is rejected below.
         mean_update = tuple(m.astype(w.dtype) for m, w in zip(result.mean, weights, strict=True))
     # 2. Finalizer: server optimizer step, unless the aggregate is not finite.
@@ -99,7 +103,7 @@ def finalize_round(
     new_state = ServerState(
         weights=ModelWeights(trainable, server_state.weights.non_trainable),
         optimizer_state=opt_state,
-        aggregator_state=acc.query.next_state(acc.clipped_count, acc.num_updates),
+        aggregator_state=result.state,
         round_num=server_state.round_num + 1,
         metadata=dict(server_state.metadata),
     )

@@ -1,7 +1,7 @@
 """Aggregation strategies chosen from `AggregationSpec.dp_type`, shaped like TF-Privacy DPQueries.
 
 A query says how each record is clipped before it is summed and how the sum becomes the
-round's mean update:
+round's mean update (interface in `query_types`):
 
 * `UNKNOWN` (the task builder's `--skip_dp_aggregator`): `UnweightedMeanQuery`, TFF's
   `UnweightedMeanFactory` - no clipping, sum / number of records received.
@@ -9,55 +9,54 @@ round's mean update:
   = `NormalizedQuery(GaussianSumQuery(l2_norm_clip=C, stddev=z*C), denominator=clients_per_round)`
   (McMahan et al. 2018, arXiv 1710.17220): the sum gets N(0, (z*C)^2) noise and is divided by
   the *fixed* report goal, not by the number received, so the sensitivity stays C/n.
+* `ADAPTIVE_GAUSSIAN`: `adaptive_clipping.AdaptiveGaussianQuery` (`gaussian_adaptive`,
+  Andrew et al. 2021, arXiv 1905.03871).
+* `TREE_AGGREGATION` / `ADAPTIVE_TREE`: `tree_queries.TreeAggregationQuery` /
+  `AdaptiveTreeQuery` (`tree_aggregation` / `tree_adaptive`, DP-FTRL, Kairouz et al. 2021,
+  arXiv 2103.00039).
 
-Adaptive clipping (Andrew et al. 2021, arXiv 1905.03871) and tree aggregation (Kairouz et al.
-2021, arXiv 2103.00039) need state that evolves across rounds (`ServerState.aggregator_state`)
-and are added as further `AggregationQuery` implementations; until then `make_query` refuses
-them with `UnsupportedAggregation` instead of silently falling back to fixed clipping.
+The adaptive and tree queries carry state across rounds in `ServerState.aggregator_state`.
 """
 
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Protocol
 
 import numpy as np
 
 from fcp_server.aggregation import dp
+from fcp_server.aggregation.adaptive_clipping import AdaptiveGaussianQuery, AdaptiveParams
+from fcp_server.aggregation.query_types import (
+    AggregationQuery,
+    QueryResult,
+    check_records,
+    dp_facts,
+)
 from fcp_server.aggregation.state import Tensor, Tensors
+from fcp_server.aggregation.tree_queries import AdaptiveTreeQuery, TreeAggregationQuery
 from fcp_server.protos import plan_pb2, task_builder_pb2
+
+__all__ = [
+    "AdaptiveGaussianQuery",
+    "AdaptiveTreeQuery",
+    "AggregationQuery",
+    "FixedGaussianQuery",
+    "QueryResult",
+    "TreeAggregationQuery",
+    "UnsupportedAggregation",
+    "UnweightedMeanQuery",
+    "make_query",
+]
 
 _DpType = task_builder_pb2.DpAggregator
 
 
 class UnsupportedAggregation(NotImplementedError):
-    """The plan asks for a DP aggregator this server does not implement yet."""
+    """The plan asks for a DP aggregator this server does not implement.
 
-
-@dataclasses.dataclass(frozen=True)
-class QueryResult:
-    """The round's aggregate and the query's own measurements."""
-
-    # The mean update in float64, one array per trainable tensor.
-    mean: Tensors
-    # Flat measurements, keys relative to "server/aggregator/".
-    metrics: dict[str, float]
-
-
-class AggregationQuery(Protocol):
-    """How records are bounded and how their sum becomes the mean update."""
-
-    def record_clip(self) -> float | None:
-        """Returns the L2 bound applied to every record, or None for no clipping."""
-        ...
-
-    def finalize(self, total: Tensors, num_records: int, rng: np.random.Generator) -> QueryResult:
-        """Turns the sum of (clipped) records into the round's mean update."""
-        ...
-
-    def next_state(self, clipped_count: int, num_records: int) -> dict[str, Tensor]:
-        """Returns the aggregator state for the next round (adaptive clipping uses this)."""
-        ...
+    Every `DpAggregator` value is implemented now; kept so callers that refuse such plans
+    keep working if the enum grows.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,25 +67,32 @@ class UnweightedMeanQuery:
         """Returns None: the non-DP mean does not clip (as TFF without a DP aggregator)."""
         return None
 
-    def finalize(self, total: Tensors, num_records: int, rng: np.random.Generator) -> QueryResult:
-        """Returns total / num_records.
+    def quantile_threshold(self) -> float | None:
+        """Returns None: nothing adapts."""
+        return None
+
+    def finalize(
+        self,
+        total: Tensors,
+        num_records: int,
+        rng: np.random.Generator,
+        *,
+        below_threshold: int | None = None,
+    ) -> QueryResult:
+        """Returns total / num_records (and an empty state).
 
         Args:
             total: Sum of the records (float64).
             num_records: Records summed, > 0.
             rng: Unused (no noise); part of the query interface.
+            below_threshold: Unused.
 
         Raises:
             ValueError: If no record was summed.
         """
-        if num_records <= 0:
-            raise ValueError("Cannot average a round without any update.")
+        check_records(num_records, below_threshold, needs_count=False)
         mean = tuple(t / num_records for t in total)
-        return QueryResult(mean, _dp_facts(0.0, 0.0, 0.0, num_records))
-
-    def next_state(self, clipped_count: int, num_records: int) -> dict[str, Tensor]:
-        """Returns the (empty) state: nothing carries over between rounds."""
-        return {}
+        return QueryResult(mean, dp_facts(0.0, 0.0, 0.0, num_records))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,72 +121,73 @@ class FixedGaussianQuery:
         """Returns the fixed L2 clip C."""
         return self.clip
 
-    def finalize(self, total: Tensors, num_records: int, rng: np.random.Generator) -> QueryResult:
+    def quantile_threshold(self) -> float | None:
+        """Returns None: the clip is fixed."""
+        return None
+
+    def finalize(
+        self,
+        total: Tensors,
+        num_records: int,
+        rng: np.random.Generator,
+        *,
+        below_threshold: int | None = None,
+    ) -> QueryResult:
         """Adds N(0, (z*C)^2) to the sum and divides by `clients_per_round`.
 
         Args:
             total: Sum of the clipped records (float64).
             num_records: Records summed, > 0 (the noise does not depend on it).
             rng: Noise source, see `dp.make_noise_rng`.
+            below_threshold: Unused.
 
         Raises:
             ValueError: If no record was summed.
         """
-        if num_records <= 0:
-            raise ValueError("Cannot aggregate a round without any update.")
+        check_records(num_records, below_threshold, needs_count=False)
         std = dp.noise_stddev(self.noise_multiplier, self.clip)
         noised = dp.add_gaussian_noise(total, std, rng)
         mean = tuple(t / self.clients_per_round for t in noised)
         std_of_mean = std / self.clients_per_round
         return QueryResult(
-            mean, _dp_facts(self.noise_multiplier, self.clip, std_of_mean, self.clients_per_round)
+            mean, dp_facts(self.noise_multiplier, self.clip, std_of_mean, self.clients_per_round)
         )
-
-    def next_state(self, clipped_count: int, num_records: int) -> dict[str, Tensor]:
-        """Returns the (empty) state: a fixed clip does not adapt."""
-        return {}
-
-
-def _dp_facts(z: float, clip: float, std_of_mean: float, denominator: int) -> dict[str, float]:
-    return {
-        "dp/noise_multiplier": z,
-        "dp/clip_norm": clip,
-        "dp/noise_stddev": std_of_mean,
-        "dp/denominator": float(denominator),
-    }
 
 
 def make_query(
     spec: plan_pb2.AggregationSpec, aggregator_state: Mapping[str, Tensor] | None = None
 ) -> AggregationQuery:
-    """Returns the query for `spec.dp_type`.
+    """Returns the round's query for `spec.dp_type`, continuing from the carried state.
 
     Args:
-        spec: The plan's aggregation settings.
-        aggregator_state: State carried from the previous round (unused by the types
-            implemented so far; adaptive clipping will read its current clip from it).
+        spec: The plan's aggregation settings (unset adaptive fields get the task builder's
+            defaults: initial clip 0.1, target quantile 0.5, clip learning rate 0.2,
+            clipped_count_stddev clients_per_round / 20, tree restarts 1024 / 128).
+        aggregator_state: `ServerState.aggregator_state` from the previous round (empty or
+            None for the first round).
 
     Raises:
-        UnsupportedAggregation: For ADAPTIVE_GAUSSIAN, TREE_AGGREGATION and ADAPTIVE_TREE.
-        ValueError: For an unknown enum value or out-of-range parameters.
+        ValueError: For an unknown enum value, out-of-range parameters (including TFF's
+            noise_multiplier < 2 * clipped_count_stddev rule) or an inconsistent state.
     """
-    del aggregator_state  # Read by the adaptive queries once they exist.
-    if spec.dp_type == _DpType.UNKNOWN:
+    state: Mapping[str, Tensor] = aggregator_state or {}
+    dp_type = spec.dp_type
+    if dp_type == _DpType.UNKNOWN:
         return UnweightedMeanQuery()
-    if spec.dp_type == _DpType.FIXED_GAUSSIAN:
+    if dp_type == _DpType.FIXED_GAUSSIAN:
         return FixedGaussianQuery(
             noise_multiplier=spec.noise_multiplier,
             clip=spec.clip_norm,
             clients_per_round=spec.clients_per_round,
         )
-    if spec.dp_type in (
-        _DpType.ADAPTIVE_GAUSSIAN,
-        _DpType.TREE_AGGREGATION,
-        _DpType.ADAPTIVE_TREE,
-    ):
-        name = _DpType.Enum.Name(spec.dp_type)
-        raise UnsupportedAggregation(
-            f"DP aggregator {name} is not supported by this server yet; "
-            "only FIXED_GAUSSIAN and no DP aggregator (UNKNOWN) are."
+    if dp_type == _DpType.ADAPTIVE_GAUSSIAN:
+        return AdaptiveGaussianQuery.from_state(AdaptiveParams.from_spec(spec), state)
+    if dp_type == _DpType.TREE_AGGREGATION:
+        return TreeAggregationQuery.from_state(
+            spec.noise_multiplier, spec.clip_norm, spec.clients_per_round, state
         )
-    raise ValueError(f"Unknown DP aggregator type {spec.dp_type} in the plan.")
+    if dp_type == _DpType.ADAPTIVE_TREE:
+        return AdaptiveTreeQuery.from_state(
+            AdaptiveParams.from_spec(spec), spec.restart_frequency, spec.restart_warmup, state
+        )
+    raise ValueError(f"Unknown DP aggregator type {dp_type} in the plan.")

@@ -53,7 +53,8 @@ class ServerState:
         optimizer_state: Server optimizer state by name (without the "server_optimizer/"
             checkpoint prefix), see `fcp_server.aggregation.optimizers`.
         aggregator_state: Aggregator (DP query) state by name (without the "aggregator/"
-            prefix); empty for fixed clipping, used by adaptive clipping later.
+            prefix); empty for fixed clipping, the clip, quantile estimate and noise trees
+            of the adaptive and tree aggregators.
         round_num: Rounds completed so far (0 for the initial state).
         metadata: Extra JSON scalars the caller wants stored with the checkpoint.
     """

@@ -3,7 +3,6 @@ import pytest
 
 from fcp_server.aggregation import dp
 from fcp_server.aggregation.accumulator import RoundAccumulator
-from fcp_server.aggregation.queries import UnsupportedAggregation
 from fcp_server.aggregation.state import ClientUpdate
 from fcp_server.protos import task_builder_pb2
 from tests.unit.aggregation.plan_builders import (
@@ -68,9 +67,16 @@ def test_without_dp_there_is_no_clipping_as_tff_unweighted_mean():
 @pytest.mark.parametrize(
     "dp_type", [DpType.ADAPTIVE_GAUSSIAN, DpType.TREE_AGGREGATION, DpType.ADAPTIVE_TREE]
 )
-def test_unsupported_aggregators_fail_before_any_update(dp_type):
-    with pytest.raises(UnsupportedAggregation):
-        RoundAccumulator(make_plan(dp_type=dp_type))
+def test_adaptive_and_tree_aggregators_are_accepted(dp_type):
+    acc = RoundAccumulator(make_plan(dp_type=dp_type, clients_per_round=100))
+    acc.add(constant_update(0.01))
+    assert acc.num_updates == 1
+
+
+def test_adaptive_plans_breaking_tffs_noise_rule_fail_before_any_update():
+    # z = 1 needs clipped_count_stddev > 0.5, i.e. more than 10 clients with the default.
+    with pytest.raises(ValueError, match="clipped_count_stddev"):
+        RoundAccumulator(make_plan(dp_type=DpType.ADAPTIVE_GAUSSIAN, clients_per_round=10))
 
 
 def test_metric_state_is_summed_with_per_device_bounds():

@@ -20,7 +20,7 @@ def test_unknown_type_is_the_plain_mean_without_clipping():
     result = query.finalize((np.array([6.0, 3.0]),), 3, np.random.default_rng(0))
     np.testing.assert_allclose(result.mean[0], [2.0, 1.0])
     assert result.metrics["dp/noise_stddev"] == 0.0
-    assert query.next_state(0, 3) == {}
+    assert result.state == {}
 
 
 def test_fixed_gaussian_divides_by_the_fixed_denominator():
@@ -55,11 +55,16 @@ def test_fixed_gaussian_validates_its_parameters(kwargs, match):
 
 
 @pytest.mark.parametrize(
-    "dp_type", [DpType.ADAPTIVE_GAUSSIAN, DpType.TREE_AGGREGATION, DpType.ADAPTIVE_TREE]
+    ("dp_type", "expected"),
+    [
+        (DpType.ADAPTIVE_GAUSSIAN, queries.AdaptiveGaussianQuery),
+        (DpType.TREE_AGGREGATION, queries.TreeAggregationQuery),
+        (DpType.ADAPTIVE_TREE, queries.AdaptiveTreeQuery),
+    ],
 )
-def test_adaptive_and_tree_types_are_refused_not_downgraded(dp_type):
-    with pytest.raises(queries.UnsupportedAggregation, match=DpType.Enum.Name(dp_type)):
-        queries.make_query(_spec(dp_type, noise_multiplier=1.0, clip_norm=1.0))
+def test_adaptive_and_tree_types_get_their_own_query(dp_type, expected):
+    spec = _spec(dp_type, noise_multiplier=1.0, clip_norm=1.0, clients_per_round=100)
+    assert isinstance(queries.make_query(spec), expected)
 
 
 def test_an_unknown_enum_value_is_rejected():
