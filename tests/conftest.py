@@ -6,7 +6,7 @@ import pytest
 
 from task_builder import tff_runtime
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.fixtures.db", "tests.fixtures.blobs"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,6 +12,15 @@ command -v "$python" >/dev/null 2>&1 || python=python3
 "$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
   || { echo "FCP needs Python 3.11 (found $("$python" --version))" >&2; exit 1; }
 
+# The dashboard test drives Debian's headless Chromium; install it once when it is missing
+# (FCP_SKIP_APT=1 skips this on machines where apt is not ours to use).
+if [ "$flavour" != server ] && [ "${FCP_SKIP_APT:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+      || echo "warning: could not install chromium; the dashboard browser test will fail" >&2
+  fi
+fi
+
 stamp="$venv/.fcp-installed-$flavour"
 want="$(cat pyproject.toml tools/constraints.txt tools/bootstrap.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

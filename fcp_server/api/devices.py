@@ -1,0 +1,141 @@
+"""Device-facing HTTP API: check-in, report-result, update upload and resource downloads.
+
+Paths and messages are ODP's TaskAssignmentController (odp-federated-compute.md section 2.2):
+check-in answers 201 with a TaskAssignment or 200 with a RejectionInfo and retry window;
+report-result answers an UploadInstruction for COMPLETED. Uploads and downloads go to this
+server instead of signed GCS URLs. When device auth is on, every call needs a valid
+`odp-authorization-key`; a check-in without one gets 401 with an UNAUTHENTICATED rejection.
+"""
+
+from flask import Blueprint, Response, request
+from google.protobuf import duration_pb2
+
+from fcp_server import errors
+from fcp_server.api import wire
+from fcp_server.api.context import db_session, server
+from fcp_server.protos import common_pb2, task_assignments_pb2
+from fcp_server.services import auth, blob_paths, checkin, reports, uploads
+from fcp_server.services.assignment_protos import task_assignment
+
+blueprint = Blueprint("devices", __name__, url_prefix="/taskassignment/v1")
+_ASSIGNMENT = "/population/<pop>/task/<int:task_id>/aggregation/<int:round_id>/task-assignment"
+_GZIP = common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP
+
+
+def authenticate_device() -> Response | None:
+    """Rejects calls without a valid device token when device auth is on."""
+    ctx = server()
+    if not ctx.settings.device_auth:
+        return None
+    session = db_session()
+    token = request.headers.get(auth.DEVICE_TOKEN_HEADER)
+    with session.begin():
+        ok = ctx.authenticator.authenticate(session, token, ctx.clock.now())
+    if ok:
+        return None
+    if request.endpoint == "devices.create_task_assignment":
+        answer = task_assignments_pb2.CreateTaskAssignmentResponse()
+        answer.rejection_info.reason = common_pb2.RejectionReason.UNAUTHENTICATED
+        return wire.respond(answer, status=401)
+    raise errors.Unauthenticated(f"a valid {auth.DEVICE_TOKEN_HEADER} header is required")
+
+
+blueprint.before_request(authenticate_device)
+
+
+def rejection_proto(rejection: checkin.Rejection) -> common_pb2.RejectionInfo:
+    """RejectionInfo with its retry window."""
+    low, high = rejection.retry_seconds
+    return common_pb2.RejectionInfo(
+        reason=rejection.reason,
+        retry_window=common_pb2.RetryWindow(
+            delay_min=duration_pb2.Duration(seconds=low),
+            delay_max=duration_pb2.Duration(seconds=high),
+        ),
+    )
+
+
+@blueprint.post("/population/<pop>:create-task-assignment")
+def create_task_assignment(pop: str) -> Response:
+    """Check-in: 201 + TaskAssignment, or 200 + RejectionInfo."""
+    body = wire.parse(task_assignments_pb2.CreateTaskAssignmentRequest)
+    ctx, session = server(), db_session()
+    gzip_ok = _GZIP in body.resource_capabilities.supported_compression_formats
+    with session.begin():
+        outcome = checkin.check_in(
+            session=session,
+            pop=pop,
+            version_code=body.client_version.version_code,
+            rng=ctx.rng_factory(),
+            now=ctx.clock.now(),
+        )
+        answer = task_assignments_pb2.CreateTaskAssignmentResponse()
+        if isinstance(outcome, checkin.Rejection):
+            answer.rejection_info.CopyFrom(rejection_proto(outcome))
+            result = outcome.rating.name
+        else:
+            answer.task_assignment.CopyFrom(
+                task_assignment(
+                    outcome, gzip=gzip_ok, local_timeout=ctx.settings.local_compute_timeout_seconds
+                )
+            )
+            result = "SUCCESS"
+    ctx.metrics.checkins.inc(pop, result)
+    return wire.respond(answer, status=201 if result == "SUCCESS" else 200)
+
+
+@blueprint.put(f"{_ASSIGNMENT}/<assignment_id>:report-result")
+def report_result(pop: str, task_id: int, round_id: int, assignment_id: str) -> Response:
+    """Report-result: UploadInstruction for COMPLETED, rejection if the round moved on."""
+    body = wire.parse(task_assignments_pb2.ReportResultRequest)
+    ctx, session = server(), db_session()
+    with session.begin():
+        located = reports.locate(session, pop, task_id, round_id, assignment_id)
+        outcome = reports.report_result(
+            session=session, located=located, result=body.result, now=ctx.clock.now()
+        )
+    answer = task_assignments_pb2.ReportResultResponse()
+    if outcome.rejection is not None:
+        answer.rejection_info.CopyFrom(rejection_proto(outcome.rejection))
+    elif outcome.upload:
+        instruction = answer.upload_instruction
+        instruction.upload_location = blob_paths.upload_url(pop, task_id, round_id, assignment_id)
+        instruction.extra_request_headers["Content-Type"] = "application/octet-stream"
+        instruction.max_upload_bytes = ctx.settings.max_upload_bytes
+        if _GZIP in body.resource_capabilities.supported_compression_formats:
+            instruction.extra_request_headers["Content-Encoding"] = "gzip"
+            instruction.compression_format = _GZIP
+    name = task_assignments_pb2.ReportResultRequest.Result.Name(body.result)
+    ctx.metrics.reports.inc(pop, name if outcome.rejection is None else f"{name}_REJECTED")
+    return wire.respond(answer)
+
+
+@blueprint.put(f"{_ASSIGNMENT}/<assignment_id>:upload")
+def upload(pop: str, task_id: int, round_id: int, assignment_id: str) -> Response:
+    """Receives a device's update (raw or gzip safetensors); 204 when accepted."""
+    ctx = server()
+    if not blob_paths.is_valid_assignment_id(assignment_id):
+        raise errors.NotFound(f"assignment {assignment_id[:40]!r} not found")
+    media = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if media != "application/octet-stream":
+        ctx.metrics.uploads.inc(pop, "unsupported_media_type")
+        raise errors.UnsupportedMediaType(
+            f"upload Content-Type must be application/octet-stream, got {media!r}"
+        )
+    limit = ctx.settings.max_upload_bytes
+    try:
+        result = uploads.accept_upload(
+            database=ctx.database,
+            blobs=ctx.blobs,
+            plans=ctx.plans,
+            ids=(pop, task_id, round_id, assignment_id),
+            body=wire.read_body(limit),
+            content_encoding=request.headers.get("Content-Encoding", ""),
+            now=ctx.clock.now(),
+            max_bytes=limit,
+        )
+    except errors.FcpError as e:
+        ctx.metrics.uploads.inc(pop, type(e).__name__)
+        raise
+    ctx.metrics.uploads.inc(pop, "accepted" if result.counted else "duplicate")
+    return Response(status=204)

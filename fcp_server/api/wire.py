@@ -1,0 +1,87 @@
+"""Wire formats: protobuf bodies in binary (application/x-protobuf) or proto3 JSON.
+
+ODP's services speak binary protobuf; JSON (google.protobuf.json_format, the proto3 JSON
+mapping) is accepted as well for people and scripts. A request body is parsed per its
+Content-Type; the answer follows the request's Accept header, else the request's own format,
+else binary protobuf.
+"""
+
+from typing import TypeVar
+
+from flask import Response, request
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+
+from fcp_server import errors
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+_PROTOBUF_ALIASES = (PROTOBUF, "application/protobuf", "application/octet-stream")
+MAX_MESSAGE_BYTES = 1024 * 1024
+M = TypeVar("M", bound=Message)
+
+
+def read_body(max_bytes: int) -> bytes:
+    """The request body, refusing more than `max_bytes` before reading it all."""
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise errors.PayloadTooLarge(f"body is {declared} bytes, the limit is {max_bytes}")
+    data = request.stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise errors.PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+    return data
+
+
+def _media_type(header: str | None) -> str:
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+def parse(message_type: type[M], *, allow_empty: bool = True) -> M:
+    """Parses the request body as `message_type` per its Content-Type.
+
+    Raises:
+        UnsupportedMediaType: Neither protobuf nor JSON.
+        BadRequest: The body does not parse.
+    """
+    data = read_body(MAX_MESSAGE_BYTES)
+    message = message_type()
+    if not data:
+        if allow_empty:
+            return message
+        raise errors.BadRequest(f"a {message_type.DESCRIPTOR.full_name} body is required")
+    media = _media_type(request.headers.get("Content-Type"))
+    if media == JSON:
+        try:
+            json_format.Parse(data.decode("utf-8"), message)
+        except (json_format.ParseError, UnicodeDecodeError) as e:
+            raise errors.BadRequest(
+                f"body is not a valid JSON {message_type.DESCRIPTOR.full_name}: {e}"
+            ) from e
+        return message
+    if media in _PROTOBUF_ALIASES or not media:
+        try:
+            message.ParseFromString(data)
+        except DecodeError as e:
+            raise errors.BadRequest(
+                f"body is not a valid {message_type.DESCRIPTOR.full_name}: {e}"
+            ) from e
+        return message
+    raise errors.UnsupportedMediaType(
+        f"Content-Type {media!r} is not supported; use {PROTOBUF} or {JSON}"
+    )
+
+
+def wants_json() -> bool:
+    """Whether the answer should be JSON: an explicit Accept wins, else the request's format."""
+    accept = request.accept_mimetypes
+    if any(value in (PROTOBUF, JSON) for value, _quality in accept):
+        return accept.best_match([PROTOBUF, JSON]) == JSON
+    return _media_type(request.headers.get("Content-Type")) == JSON
+
+
+def respond(message: Message, status: int = 200) -> Response:
+    """Serialises `message` per `wants_json()`."""
+    if wants_json():
+        body = json_format.MessageToJson(message, preserving_proto_field_name=False)
+        return Response(body, status=status, mimetype=JSON)
+    return Response(message.SerializeToString(), status=status, content_type=PROTOBUF)

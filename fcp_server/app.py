@@ -1,0 +1,103 @@
+"""The Flask application factory: wires settings, database, blob store, API and worker.
+
+Serve with `gunicorn 'fcp_server.app:create_app()'` (any number of workers and hosts on the
+same database and bucket: all round state is in the database). The embedded demo default
+also migrates the database and runs the background worker loop as a daemon thread; a
+deployment turns both off and runs `fcp-server db upgrade` and `fcp-server worker` instead.
+Follows Flask's application-factory pattern: nothing global is bound at import time.
+"""
+
+import time
+
+import numpy as np
+from flask import Flask, Response, g, request
+
+from fcp_server import errors, observability, worker
+from fcp_server.aggregation import make_noise_rng
+from fcp_server.api import context, devices, downloads, ops, tasks
+from fcp_server.clock import Clock, SystemClock
+from fcp_server.services.auth import Authenticator, OpenAuthenticator, TokenAuthenticator
+from fcp_server.services.plan_cache import PlanCache
+from fcp_server.services.round_close import Deps
+from fcp_server.settings import ServerSettings
+from fcp_server.storage import db
+from fcp_server.storage.blobs import BlobStore, make_blob_store
+
+
+def _observe_requests(app: Flask, metrics: observability.ServerMetrics) -> None:
+    @app.before_request
+    def _start_timer() -> None:
+        g.fcp_started = time.perf_counter()
+
+    @app.after_request
+    def _record(response: Response) -> Response:
+        started = g.get("fcp_started")
+        if started is not None:
+            metrics.requests.observe(
+                time.perf_counter() - started,
+                request.endpoint or "unknown",
+                str(response.status_code),
+            )
+        return response
+
+
+def create_app(
+    settings: ServerSettings | None = None,
+    *,
+    clock: Clock | None = None,
+    blobs: BlobStore | None = None,
+    authenticator: Authenticator | None = None,
+    checkin_rng: np.random.Generator | None = None,
+) -> Flask:
+    """Builds the server app.
+
+    Args:
+        settings: Deployment settings; read from `FCP_*` environment variables when None.
+        clock: Time source (tests inject a manual clock).
+        blobs: Blob store; built from `settings.blob_url` when None.
+        authenticator: Device authenticator; tokens when device auth is on, else open.
+        checkin_rng: Generator for the check-in traffic draw; fresh OS entropy per request
+            when None. (DP noise never uses it: see `aggregation.make_noise_rng`.)
+
+    Returns:
+        The Flask app, with `app.extensions["fcp"]` holding the `ServerContext`.
+    """
+    settings = settings or ServerSettings.from_env()
+    if settings.auto_migrate:
+        db.upgrade_schema(settings.database_url)
+    database = db.connect(settings.database_url)
+    if authenticator is None:
+        authenticator = TokenAuthenticator() if settings.device_auth else OpenAuthenticator()
+    ctx = context.ServerContext(
+        settings=settings,
+        database=database,
+        blobs=blobs or make_blob_store(settings.resolved_blob_url),
+        clock=clock or SystemClock(),
+        authenticator=authenticator,
+        metrics=observability.ServerMetrics(),
+        plans=PlanCache(),
+        rng_factory=(lambda: checkin_rng) if checkin_rng is not None else np.random.default_rng,
+    )
+    app = Flask(__name__)
+    context.install(app, ctx)
+    errors.register_error_handlers(app)
+    for blueprint in (tasks.blueprint, devices.blueprint, downloads.blueprint, ops.blueprint):
+        app.register_blueprint(blueprint)
+    _observe_requests(app, ctx.metrics)
+    if settings.embedded_worker:
+        thread, stop = worker.start_in_background(worker.Worker(worker_deps(ctx)))
+        app.extensions["fcp_worker"] = (thread, stop)
+    return app
+
+
+def worker_deps(ctx: context.ServerContext) -> Deps:
+    """The round-close collaborators drawn from an app context."""
+    return Deps(
+        database=ctx.database,
+        blobs=ctx.blobs,
+        clock=ctx.clock,
+        settings=ctx.settings,
+        plans=ctx.plans,
+        rng_factory=make_noise_rng,
+        metrics=ctx.metrics,
+    )

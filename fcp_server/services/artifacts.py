@@ -1,0 +1,197 @@
+"""Task artifacts: accept the builder's plans and initial checkpoint, validate, read them back.
+
+The builder PUTs three artifacts to the URLs the create-task answer carries (ODP task builder
+step 6): the serialized fcp.ClientOnlyPlan, the fcp.ServerPlan and (training only) the initial
+server checkpoint in safetensors. Each is parsed when it arrives; because the builder uploads
+the checkpoint before the server plan (ODP order), the cross-checks between them (checkpoint
+vs the plan's ModelSpec, client vs server plan) run again when the task is opened.
+"""
+
+import dataclasses
+import hashlib
+
+from google.protobuf.message import DecodeError
+from sqlalchemy.orm import Session
+
+from fcp_server import checkpoints, errors
+from fcp_server.aggregation import RoundAccumulator, ServerState, UnsupportedAggregation
+from fcp_server.protos import plan_pb2
+from fcp_server.services import blob_paths, tasks
+from fcp_server.storage.blobs import BlobNotFound, BlobStore
+from fcp_server.storage.models import Task, TaskKind, TaskStatus
+
+_PLAN_KIND = {
+    TaskKind.TRAINING: plan_pb2.PlanKind.TRAINING,
+    TaskKind.EVALUATION: plan_pb2.PlanKind.EVALUATION,
+}
+_SHA_COLUMN = {
+    "client_only_plan": "client_plan_sha256",
+    "server_phase": "server_plan_sha256",
+    "checkpoint": "init_checkpoint_sha256",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenArtifacts:
+    """What opening a task needs: the validated plans and (training) the initial state."""
+
+    server_plan: plan_pb2.ServerPlan
+    client_plan: plan_pb2.ClientOnlyPlan
+    initial_state: ServerState | None
+
+
+def required_kinds(task: Task) -> tuple[str, ...]:
+    """Artifacts a task needs before it can open."""
+    if task.kind == TaskKind.TRAINING:
+        return ("client_only_plan", "server_phase", "checkpoint")
+    return ("client_only_plan", "server_phase")
+
+
+def missing_kinds(task: Task) -> list[str]:
+    """Required artifacts not uploaded yet."""
+    return [k for k in required_kinds(task) if getattr(task, _SHA_COLUMN[k]) is None]
+
+
+def parse_server_plan(data: bytes, task: Task) -> plan_pb2.ServerPlan:
+    """Parses and checks a server plan against its task (kind, report goal, aggregation)."""
+    plan = plan_pb2.ServerPlan()
+    try:
+        plan.ParseFromString(data)
+    except DecodeError as e:
+        raise errors.BadRequest(f"server_phase is not a serialized fcp.ServerPlan: {e}") from e
+    if plan.kind != _PLAN_KIND[task.kind]:
+        raise errors.BadRequest(
+            f"server_phase kind is {plan_pb2.PlanKind.Enum.Name(plan.kind)}, "
+            f"the task is {task.kind.value}"
+        )
+    if not plan.model.trainable and task.kind == TaskKind.TRAINING:
+        raise errors.BadRequest("server_phase.model has no trainable tensors")
+    if plan.report_goal and plan.report_goal != task.report_goal:
+        raise errors.BadRequest(
+            f"server_phase.report_goal {plan.report_goal} differs from the task's "
+            f"min_aggregation_size {task.report_goal}"
+        )
+    if plan.round_deadline_seconds < 0:
+        raise errors.BadRequest("server_phase.round_deadline_seconds must be >= 0")
+    try:
+        RoundAccumulator(plan)  # validates the aggregation, optimizer and metric specs
+    except UnsupportedAggregation as e:
+        raise errors.BadRequest(f"server_phase: {e}") from e
+    except ValueError as e:
+        raise errors.BadRequest(f"server_phase is invalid: {e}") from e
+    return plan
+
+
+def parse_client_plan(data: bytes, task: Task) -> plan_pb2.ClientOnlyPlan:
+    """Parses and checks a client-only plan against its task."""
+    plan = plan_pb2.ClientOnlyPlan()
+    try:
+        plan.ParseFromString(data)
+    except DecodeError as e:
+        raise errors.BadRequest(
+            f"client_only_plan is not a serialized fcp.ClientOnlyPlan: {e}"
+        ) from e
+    if plan.kind != _PLAN_KIND[task.kind]:
+        raise errors.BadRequest(
+            f"client_only_plan kind is {plan_pb2.PlanKind.Enum.Name(plan.kind)}, "
+            f"the task is {task.kind.value}"
+        )
+    return plan
+
+
+def parse_initial_checkpoint(data: bytes, plan: plan_pb2.ServerPlan, max_bytes: int) -> ServerState:
+    """Checks the builder's checkpoint against the plan and returns round 0's state."""
+    try:
+        return checkpoints.initial_server_state(plan, data, max_bytes=max_bytes)
+    except (checkpoints.CheckpointError, ValueError) as e:
+        raise errors.BadRequest(f"checkpoint does not match the plan: {e}") from e
+
+
+def put_artifact(
+    *,
+    session: Session,
+    blobs: BlobStore,
+    pop: str,
+    task_id: int,
+    kind: str,
+    data: bytes,
+    max_bytes: int,
+) -> None:
+    """Validates and stores one artifact of a CREATED task.
+
+    Raises:
+        NotFound: Unknown task or artifact kind (eval tasks have no checkpoint).
+        Conflict: The task is no longer CREATED.
+        PayloadTooLarge / BadRequest: The artifact is too large or invalid.
+    """
+    task = tasks.get_task(session, pop, task_id)
+    if kind not in required_kinds(task):
+        raise errors.NotFound(f"task {pop}/{task_id} has no artifact {kind!r}")
+    if task.status != TaskStatus.CREATED:
+        raise errors.Conflict(
+            f"task {pop}/{task_id} is {task.status.value}; artifacts can only be uploaded "
+            "while it is CREATED"
+        )
+    if len(data) > max_bytes:
+        raise errors.PayloadTooLarge(f"{kind} is {len(data)} bytes, the limit is {max_bytes}")
+    if not data:
+        raise errors.BadRequest(f"{kind} is empty")
+    if kind == "server_phase":
+        parse_server_plan(data, task)
+    elif kind == "client_only_plan":
+        parse_client_plan(data, task)
+    else:
+        _check_checkpoint(blobs, task, data, max_bytes)
+    # Stored gzip-compressed, as ODP rewrites artifacts, so downloads serve them as they are.
+    blobs.put(blob_paths.artifact_blob(pop, task_id, kind), data, gzip=True)
+    setattr(task, _SHA_COLUMN[kind], hashlib.sha256(data).hexdigest())
+
+
+def _check_checkpoint(blobs: BlobStore, task: Task, data: bytes, max_bytes: int) -> None:
+    if task.server_plan_sha256 is not None:
+        plan = load_server_plan(blobs, task, max_bytes)
+        parse_initial_checkpoint(data, plan, max_bytes)
+        return
+    try:  # The plan comes later: check the safetensors structure now, the rest at open.
+        checkpoints.decode_tensors(data, max_bytes=max_bytes)
+    except checkpoints.CheckpointError as e:
+        raise errors.BadRequest(f"checkpoint is not a valid safetensors file: {e}") from e
+
+
+def _read(blobs: BlobStore, name: str, max_bytes: int) -> bytes:
+    try:
+        return blobs.get(name, max_bytes=max_bytes)
+    except BlobNotFound as e:
+        raise errors.Conflict(f"artifact {name} is missing from the blob store") from e
+
+
+def load_server_plan(blobs: BlobStore, task: Task, max_bytes: int) -> plan_pb2.ServerPlan:
+    """Reads and parses a task's server plan."""
+    name = blob_paths.artifact_blob(task.population_name, task.task_id, "server_phase")
+    return parse_server_plan(_read(blobs, name, max_bytes), task)
+
+
+def validate_for_open(blobs: BlobStore, task: Task, max_bytes: int) -> OpenArtifacts:
+    """Cross-checks a task's artifacts before it opens.
+
+    Raises:
+        Conflict: An artifact is missing.
+        BadRequest: The artifacts do not agree with each other.
+    """
+    missing = missing_kinds(task)
+    if missing:
+        raise errors.Conflict(
+            f"task {task.population_name}/{task.task_id} cannot open: missing {missing}"
+        )
+    pop, tid = task.population_name, task.task_id
+    server_plan = load_server_plan(blobs, task, max_bytes)
+    client_plan = parse_client_plan(
+        _read(blobs, blob_paths.artifact_blob(pop, tid, "client_only_plan"), max_bytes), task
+    )
+    if client_plan.HasField("model") and client_plan.model != server_plan.model:
+        raise errors.BadRequest("client_only_plan.model differs from server_phase.model")
+    state = None
+    if task.kind == TaskKind.TRAINING:
+        data = _read(blobs, blob_paths.artifact_blob(pop, tid, "checkpoint"), max_bytes)
+        state = parse_initial_checkpoint(data, server_plan, max_bytes)
+    return OpenArtifacts(server_plan=server_plan, client_plan=client_plan, initial_state=state)

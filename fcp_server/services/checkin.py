@@ -1,0 +1,185 @@
+"""Device check-in (create-task-assignment): pick an eligible round and take a slot atomically.
+
+Follows ODP's `TaskAssignmentCoreImpl` (odp-federated-compute.md section 2.2): each active
+round of the population is rated SUCCESS < ITERATION_FULL < ITERATION_NOT_OPEN <
+CLIENT_VERSION_MISMATCH (none: ITERATION_NOT_ACTIVE), the best rating decides the rejection,
+and among eligible rounds one is drawn by `traffic_weight`. Fixed here: the capacity check is
+the `active_count < capacity` condition of the UPDATE that takes the slot (the reference
+counted in a separate read and could over-assign), zero-weight rounds are never drawn, and
+"only zero weights" is NO_ACTIVE_TASK_EXISTS instead of an exception.
+"""
+
+import dataclasses
+import datetime as dt
+import enum
+import re
+import uuid
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fcp_server import errors
+from fcp_server.protos import common_pb2
+from fcp_server.storage import transitions
+from fcp_server.storage.models import (
+    ACTIVE_ROUND_STATUSES,
+    Assignment,
+    AssignmentStatus,
+    EntityKind,
+    Round,
+    RoundStatus,
+    Task,
+    TaskStatus,
+)
+
+_VERSION_RE = re.compile(r"^[0-9]{1,18}$")
+_Reason = common_pb2.RejectionReason
+# Retry windows of ODP's server, seconds.
+SHORT_RETRY = (60, 300)
+LONG_RETRY = (86_400, 172_800)
+
+
+class Rating(enum.IntEnum):
+    """How a round fits a device; lower is better (ODP CheckInResult order)."""
+
+    SUCCESS = 1
+    ITERATION_FULL = 101
+    ITERATION_NOT_OPEN = 110
+    CLIENT_VERSION_MISMATCH = 120
+    ITERATION_NOT_ACTIVE = 130
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """Why the device got no task and when to come back."""
+
+    reason: common_pb2.RejectionReason.Enum
+    retry_seconds: tuple[int, int]
+    rating: Rating
+
+
+@dataclasses.dataclass(frozen=True)
+class Assigned:
+    """A new assignment and the round and task it belongs to."""
+
+    assignment: Assignment
+    round: Round
+    task: Task
+
+
+_REJECTIONS = {
+    Rating.ITERATION_FULL: (_Reason.NO_TASK_AVAILABLE, SHORT_RETRY),
+    Rating.ITERATION_NOT_OPEN: (_Reason.NO_TASK_AVAILABLE, SHORT_RETRY),
+    Rating.CLIENT_VERSION_MISMATCH: (_Reason.CLIENT_VERSION_MISMATCH, LONG_RETRY),
+    Rating.ITERATION_NOT_ACTIVE: (_Reason.NO_ACTIVE_TASK_EXISTS, LONG_RETRY),
+}
+
+
+def rejection(rating: Rating) -> Rejection:
+    """The rejection sent for a rating other than SUCCESS."""
+    reason, window = _REJECTIONS[rating]
+    return Rejection(reason=reason, retry_seconds=window, rating=rating)
+
+
+def parse_client_version(version_code: str) -> int:
+    """The numeric client version (ODP compares versions as longs)."""
+    if not _VERSION_RE.match(version_code):
+        raise errors.BadRequest(
+            f"client_version.version_code must be a decimal version code, got {version_code[:40]!r}"
+        )
+    return int(version_code)
+
+
+def version_in_range(version: int, minimum: str, maximum: str) -> bool:
+    """Whether `version` lies in the task's [min, max] (empty bounds are open)."""
+    return (not minimum or version >= int(minimum)) and (not maximum or version <= int(maximum))
+
+
+def rate(rnd: Round, task: Task, version: int) -> Rating:
+    """Rates one round for a device, in ODP's check order (status, version, capacity)."""
+    if rnd.status != RoundStatus.COLLECTING:
+        return Rating.ITERATION_NOT_OPEN
+    if not version_in_range(version, task.min_client_version, task.max_client_version):
+        return Rating.CLIENT_VERSION_MISMATCH
+    if rnd.active_count >= rnd.capacity:
+        return Rating.ITERATION_FULL
+    return Rating.SUCCESS
+
+
+def draw_weighted(weights: list[int], rng: np.random.Generator) -> int | None:
+    """Index drawn with probability weight/sum; zero weights are never drawn; None if all 0."""
+    if any(w < 0 for w in weights):
+        raise ValueError(f"traffic weights must be >= 0, got {weights}")
+    total = sum(weights)
+    if total == 0:
+        return None
+    point = int(rng.integers(0, total))  # uniform in [0, total)
+    for index, weight in enumerate(weights):
+        if point < weight:
+            return index
+        point -= weight
+    raise AssertionError("unreachable: point < total")
+
+
+def check_in(
+    *,
+    session: Session,
+    pop: str,
+    version_code: str,
+    rng: np.random.Generator,
+    now: dt.datetime,
+) -> Assigned | Rejection:
+    """Assigns the device to a round of the population, or says why not.
+
+    Args:
+        session: Open session inside the caller's transaction.
+        pop: Population name.
+        version_code: The device's ClientVersion.version_code.
+        rng: Source of the weighted draw between training and eval rounds.
+        now: Current time.
+
+    Returns:
+        The assignment, or a rejection with its retry window.
+
+    Raises:
+        BadRequest: The version code is not numeric.
+    """
+    version = parse_client_version(version_code)
+    rows = session.execute(
+        select(Round, Task)
+        .join(Task, Round.task_pk == Task.id)
+        .where(
+            Task.population_name == pop,
+            Task.status == TaskStatus.OPEN,
+            Round.status.in_(ACTIVE_ROUND_STATUSES),
+        )
+        .order_by(Round.id)
+    ).all()
+    ratings = [(rate(rnd, task, version), rnd, task) for rnd, task in rows]
+    best = min((r for r, _, _ in ratings), default=Rating.ITERATION_NOT_ACTIVE)
+    if best != Rating.SUCCESS:
+        return rejection(best)
+    candidates = [(rnd, task) for r, rnd, task in ratings if r == Rating.SUCCESS]
+    while candidates:
+        index = draw_weighted([task.traffic_weight for _, task in candidates], rng)
+        if index is None:
+            return rejection(Rating.ITERATION_NOT_ACTIVE)
+        rnd, task = candidates.pop(index)
+        # The capacity check that counts: a conditional UPDATE, atomic under concurrency.
+        if transitions.claim_slot(session, rnd.id):
+            assignment = Assignment(
+                id=str(uuid.uuid4()),
+                round_pk=rnd.id,
+                status=AssignmentStatus.ASSIGNED,
+                client_version=version_code,
+                created_at=now,
+                status_changed_at=now,
+            )
+            session.add(assignment)
+            session.flush()
+            transitions.record_change(
+                session, EntityKind.ASSIGNMENT, assignment.id, None, assignment.status, now=now
+            )
+            return Assigned(assignment=assignment, round=rnd, task=task)
+    return rejection(Rating.ITERATION_FULL)

@@ -1,0 +1,309 @@
+"""Google Cloud Storage backend of the blob store (`gs://bucket/prefix`).
+
+Blob `name` is the object `prefix/name` in `bucket`. Like the ODP Federated Compute server's
+`GCSBlobManager`, gzip blobs are stored with `Content-Encoding: gzip` and decompressed on read;
+here they are always downloaded raw (no decompressive transcoding) and gunzipped by
+`blobs.BlobStore.get`, so a read is bounded and symmetric with the local backend. The SHA-256 of
+the uncompressed content rides along as custom metadata `sha256`.
+
+`google-cloud-storage` is imported only when a `gs://` store is built, so the server starts
+light. With `STORAGE_EMULATOR_HOST` set (the client library's own switch to an emulator such as
+`gcp-storage-emulator`) the client uses anonymous credentials and a placeholder project.
+
+Create-only writes (`put_if_absent`) send `ifGenerationMatch=0`, which real GCS enforces
+atomically. The `gcp-storage-emulator` package ignores preconditions, so the method first checks
+that the object is absent: on the emulator, create-only therefore holds for sequential callers
+but not for two writers racing on one name.
+"""
+
+import builtins
+import contextlib
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from typing import Any, Final
+
+from fcp_server.storage import blobs
+
+_LOG = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S: Final = 60.0
+_MAX_TIMEOUT_S: Final = 600.0
+_EMULATOR_PROJECT: Final = "fcp-emulator"
+_SHA256_KEY: Final = "sha256"
+_BUCKET_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+# A blob that changes between its metadata read and its download is read again this often.
+_READ_ATTEMPTS: Final = 5
+
+
+def _import_storage() -> Any:
+    with warnings.catch_warnings():
+        # google-api-core warns at import time about Python 3.11's support window and the
+        # optional grpcio-status package; neither concerns the JSON API used here, and under
+        # warnings-as-errors (the test suite) they would make the import itself fail.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.api_core")
+        warnings.filterwarnings("ignore", category=ImportWarning, module=r"google\.api_core")
+        from google.cloud import storage
+
+    return storage
+
+
+def _check_bucket(bucket: str) -> str:
+    if not _BUCKET_RE.fullmatch(bucket) or any(len(p) > 63 for p in bucket.split(".")):
+        raise blobs.InvalidBlobStoreUrl(
+            f"GCS bucket name {bucket!r} is invalid: use 3-222 chars of a-z, 0-9, '-', '_', '.'"
+            ", starting and ending with a letter or digit, dot-separated parts <= 63 chars"
+        )
+    return bucket
+
+
+def _check_timeout(timeout_s: float) -> float:
+    if not isinstance(timeout_s, int | float) or not 0 < timeout_s <= _MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s must be in (0, {_MAX_TIMEOUT_S}] seconds, got {timeout_s!r}")
+    return float(timeout_s)
+
+
+class GcsBlobStore(blobs.BlobStore):
+    """Blobs as objects in one GCS bucket, under an optional prefix."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        client: Any | None = None,
+    ) -> None:
+        """Connects to `bucket`; names are stored under `prefix/`.
+
+        Args:
+            bucket: The bucket name.
+            prefix: Object-name prefix for this store ("" for the bucket root).
+            timeout_s: Timeout of each HTTP request; the library's default retry applies.
+            client: A `google.cloud.storage.Client`; by default one is built from the
+                environment (`STORAGE_EMULATOR_HOST` selects an emulator).
+
+        Raises:
+            InvalidBlobStoreUrl: Bad bucket name or prefix.
+            BlobBackendError: No client could be built (e.g. no default credentials).
+        """
+        self._bucket_name = _check_bucket(bucket)
+        try:
+            self._prefix = blobs.validate_name(prefix, max_bytes=512) if prefix else ""
+        except blobs.InvalidBlobName as e:
+            raise blobs.InvalidBlobStoreUrl(f"bad prefix in gs://{bucket}/{prefix}: {e}") from e
+        self._name_budget = blobs.MAX_NAME_BYTES - len(self._prefix.encode()) - bool(prefix)
+        self._timeout = _check_timeout(timeout_s)
+        _import_storage()  # first, so its import-time warnings are filtered
+        from google.api_core import exceptions as api_exceptions
+        from google.auth import exceptions as auth_exceptions
+        from google.cloud.storage import exceptions as storage_exceptions
+        from requests import exceptions as requests_exceptions
+
+        self._not_found: type[Exception] = api_exceptions.NotFound
+        self._precondition_failed: type[Exception] = api_exceptions.PreconditionFailed
+        self._data_corruption: type[Exception] = storage_exceptions.DataCorruption
+        self._transport_errors: tuple[type[Exception], ...] = (
+            api_exceptions.GoogleAPIError,
+            auth_exceptions.GoogleAuthError,
+            requests_exceptions.RequestException,
+            storage_exceptions.InvalidResponse,
+        )
+        with self._errors(f"create a client for gs://{bucket}"):
+            self._client = client if client is not None else make_client()
+        self._bucket = self._client.bucket(bucket)
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        # Turns library and transport failures into the store's documented error tree.
+        try:
+            yield
+        except self._data_corruption as e:
+            raise blobs.BlobCorrupt(f"GCS download failed its checksum ({what}): {e}") from e
+        except self._transport_errors as e:
+            raise blobs.BlobBackendError(f"GCS could not {what}: {e}") from e
+
+    def _object_name(self, name: str) -> str:
+        blobs.validate_name(name, max_bytes=self._name_budget)
+        return f"{self._prefix}/{name}" if self._prefix else name
+
+    def _info(self, name: str, blob: Any) -> blobs.BlobInfo:
+        encoding = (blob.content_encoding or "").strip().lower()
+        if encoding not in ("", "identity", "gzip"):
+            raise blobs.BlobCorrupt(f"blob {name!r} has unsupported Content-Encoding {encoding!r}")
+        return blobs.BlobInfo(
+            name=name,
+            size=int(blob.size or 0),
+            gzipped=encoding == "gzip",
+            content_type=blob.content_type or blobs.DEFAULT_CONTENT_TYPE,
+            etag=blob.etag or "",
+            sha256=(blob.metadata or {}).get(_SHA256_KEY, ""),
+        )
+
+    def _upload(
+        self, name: str, data: bytes, gzip: bool, content_type: str, *, create_only: bool
+    ) -> Any:
+        object_name = self._object_name(name)
+        ctype = blobs.check_content_type(content_type)
+        stored, digest = blobs.encode_content(data, gzip=gzip)
+        blob = self._bucket.blob(object_name)
+        # Set explicitly (None included) so an overwrite never inherits the old encoding.
+        blob.content_encoding = "gzip" if gzip else None
+        blob.metadata = {_SHA256_KEY: digest}
+        blob.upload_from_string(
+            stored,
+            content_type=ctype,
+            timeout=self._timeout,
+            if_generation_match=0 if create_only else None,
+        )
+        return blob
+
+    def put(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        gzip: bool = False,
+        content_type: str = blobs.DEFAULT_CONTENT_TYPE,
+    ) -> blobs.BlobInfo:
+        """See `BlobStore.put`."""
+        with self._errors(f"write blob {name!r}"):
+            blob = self._upload(name, data, gzip, content_type, create_only=False)
+        return self._info(name, blob)
+
+    def put_if_absent(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        gzip: bool = False,
+        content_type: str = blobs.DEFAULT_CONTENT_TYPE,
+    ) -> bool:
+        """See `BlobStore.put_if_absent` (and the module docstring about emulators)."""
+        # The existence check also spares re-sending the bytes of a retried upload.
+        if self.exists(name):
+            return False
+        try:
+            with self._errors(f"create blob {name!r}"):
+                self._upload(name, data, gzip, content_type, create_only=True)
+        except blobs.BlobBackendError as e:
+            # A retry of our own successful request also lands here; the blob then holds our
+            # bytes, which is what the caller wanted either way.
+            if isinstance(e.__cause__, self._precondition_failed):
+                return False
+            raise
+        return True
+
+    def _fetch_metadata(self, name: str) -> Any:
+        object_name = self._object_name(name)
+        with self._errors(f"read metadata of blob {name!r}"):
+            blob = self._bucket.get_blob(object_name, timeout=self._timeout)
+        if blob is None:
+            raise blobs.BlobNotFound(f"no blob named {name!r} in gs://{self._bucket_name}")
+        return blob
+
+    def get_raw(self, name: str, *, max_bytes: int | None = None) -> blobs.RawBlob:
+        """See `BlobStore.get_raw`."""
+        blobs.check_max_bytes(max_bytes)
+        for _ in range(_READ_ATTEMPTS):
+            blob = self._fetch_metadata(name)
+            info = self._info(name, blob)
+            if max_bytes is not None and info.size > max_bytes:
+                raise blobs.BlobTooLarge(
+                    f"blob {name!r} stores {info.size} bytes, more than max_bytes={max_bytes}"
+                )
+            # Read before downloading: the library resets it from the download's headers.
+            generation = blob.generation
+            data = self._download(name, blob, generation)
+            if data is None or not self._unchanged(name, generation):
+                continue  # replaced or deleted since the metadata read: look again
+            if max_bytes is not None and len(data) > max_bytes:
+                raise blobs.BlobTooLarge(f"blob {name!r} is larger than max_bytes={max_bytes}")
+            return blobs.RawBlob(info, data)
+        raise blobs.BlobBackendError(
+            f"blob {name!r} changed during each of {_READ_ATTEMPTS} read attempts"
+        )
+
+    def _download(self, name: str, blob: Any, generation: Any) -> bytes | None:
+        # Pinned to the generation just described; None if that generation is gone.
+        try:
+            with self._errors(f"download blob {name!r}"):
+                data = blob.download_as_bytes(
+                    raw_download=True, if_generation_match=generation, timeout=self._timeout
+                )
+        except blobs.BlobBackendError as e:
+            if isinstance(e.__cause__, (self._not_found, self._precondition_failed)):
+                return None
+            raise
+        return bytes(data)
+
+    def _unchanged(self, name: str, generation: Any) -> bool:
+        # Real GCS already enforces the pin above, but gcp-storage-emulator ignores
+        # preconditions; a generation that is the same after the download proves on any server
+        # that the bytes belong to the metadata (every write gets a new generation).
+        with self._errors(f"read metadata of blob {name!r}"):
+            after = self._bucket.get_blob(self._object_name(name), timeout=self._timeout)
+        return after is not None and after.generation == generation
+
+    def stat(self, name: str) -> blobs.BlobInfo:
+        """See `BlobStore.stat`."""
+        return self._info(name, self._fetch_metadata(name))
+
+    def exists(self, name: str) -> bool:
+        """See `BlobStore.exists`."""
+        object_name = self._object_name(name)
+        with self._errors(f"check blob {name!r}"):
+            return bool(self._bucket.blob(object_name).exists(timeout=self._timeout))
+
+    def delete(self, name: str) -> bool:
+        """See `BlobStore.delete`."""
+        object_name = self._object_name(name)
+        try:
+            with self._errors(f"delete blob {name!r}"):
+                self._bucket.blob(object_name).delete(timeout=self._timeout)
+        except blobs.BlobBackendError as e:
+            if isinstance(e.__cause__, self._not_found):
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        """See `BlobStore.list`."""
+        blobs.validate_prefix(prefix, max_bytes=self._name_budget)
+        root = f"{self._prefix}/" if self._prefix else ""
+        names = []
+        with self._errors(f"list blobs under {prefix!r}"):
+            for blob in self._client.list_blobs(
+                self._bucket, prefix=root + prefix, timeout=self._timeout
+            ):
+                name = blob.name[len(root) :]
+                try:
+                    names.append(blobs.validate_name(name, max_bytes=self._name_budget))
+                except blobs.InvalidBlobName:
+                    # Written by another tool; it could not be read through this store either.
+                    _LOG.warning("skipping object %r: not a valid blob name", blob.name)
+        return sorted(names)
+
+    def close(self) -> None:
+        """Closes the client's HTTP session."""
+        self._client.close()
+
+
+def make_client() -> Any:
+    """Builds a `google.cloud.storage.Client` from the environment.
+
+    Default credentials and project normally; with `STORAGE_EMULATOR_HOST` set, anonymous
+    credentials and the project `GOOGLE_CLOUD_PROJECT` (else a placeholder), as emulators
+    check neither.
+    """
+    storage = _import_storage()
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        project = os.environ.get("GOOGLE_CLOUD_PROJECT", _EMULATOR_PROJECT)
+        # google-auth leaves this constructor untyped.
+        anonymous = AnonymousCredentials()  # type: ignore[no-untyped-call]
+        return storage.Client(project=project, credentials=anonymous)
+    return storage.Client()

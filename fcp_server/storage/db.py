@@ -1,0 +1,129 @@
+"""Database connection: engine and session factory from a URL, and Alembic schema upgrades.
+
+SQLite (the embedded default) is opened in WAL mode with a busy timeout and foreign keys on,
+and every transaction starts with `BEGIN IMMEDIATE`: SQLite cannot upgrade a read lock to a
+write lock under contention (it fails with "database is locked" instead of waiting), so
+writers take the lock up front and simply queue. PostgreSQL (`postgresql+psycopg://`) runs at
+READ COMMITTED; correctness there comes from the conditional UPDATEs in `transitions`.
+
+Sessions never commit by themselves: the request or CLI boundary owns `with session.begin():`
+(SQLAlchemy 2.0 session basics), and `expire_on_commit=False` keeps returned rows readable.
+"""
+
+import dataclasses
+from importlib import resources
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+
+
+@dataclasses.dataclass(frozen=True)
+class Database:
+    """An engine and the session factory bound to it."""
+
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    def dispose(self) -> None:
+        """Closes every pooled connection."""
+        self.engine.dispose()
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """Creates an engine for a sqlite:// or postgresql(+psycopg):// URL.
+
+    Args:
+        url: SQLAlchemy database URL.
+        **kwargs: Extra `create_engine` arguments (e.g. `poolclass`).
+
+    Returns:
+        The engine, with SQLite connections configured for concurrent processes.
+
+    Raises:
+        ValueError: The URL names an unsupported backend.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend not in _SUPPORTED_BACKENDS:
+        raise ValueError(f"database URL must be sqlite:// or postgresql://, got {backend!r}")
+    if backend == "postgresql" and parsed.drivername == "postgresql":
+        # psycopg 3 is the installed driver; plain postgresql:// would ask for psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        # The sqlite3 module's own transaction handling is switched off so BEGIN is ours.
+        kwargs.setdefault("connect_args", {})["isolation_level"] = None
+        if parsed.database in (None, "", ":memory:"):
+            raise ValueError("in-memory SQLite cannot be shared between sessions; use a file")
+        kwargs.setdefault("poolclass", NullPool)
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+    engine = create_engine(parsed, **kwargs)
+    if backend == "sqlite":
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def connect(url: str, **kwargs: Any) -> Database:
+    """Opens a database: the engine plus a session factory with `expire_on_commit=False`."""
+    engine = make_engine(url, **kwargs)
+    return Database(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
+
+
+def is_reachable(database: Database) -> bool:
+    """True when a trivial query succeeds (the /ready probe)."""
+    try:
+        with database.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception:  # any driver error means "not ready"
+        return False
+    return True
+
+
+def redacted_url(url: str) -> str:
+    """The URL with any password masked, for logs and CLI output."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def alembic_config(url: str) -> Config:
+    """Alembic configuration pointing at the packaged migrations and the given database."""
+    cfg = Config()
+    location = resources.files("fcp_server.storage") / "migrations"
+    cfg.set_main_option("script_location", str(location))
+    # Alembic's ini interpolation treats '%' specially; URLs may carry %-escapes.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade_schema(url: str, revision: str = "head") -> None:
+    """Applies Alembic migrations up to `revision` (what `fcp-server db upgrade` runs)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            cfg = alembic_config(url)
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()

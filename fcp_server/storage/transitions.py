@@ -1,0 +1,191 @@
+"""Compare-and-swap status changes and atomic round counters, the server's only way to move state.
+
+Every status change is `UPDATE ... SET status=:to WHERE id=:id AND status=:from` followed by a
+rowcount check, plus a `status_history` row in the same transaction (the ODP Spanner DAO's
+optimistic pattern). Whoever's UPDATE matched owns the transition, so when several processes
+race (web workers, background workers, hosts) exactly one wins, on SQLite and PostgreSQL
+alike; the loser sees False and backs off. The round counters are moved the same way:
+`active_count < capacity` and `reported_count < report_goal` are conditions of the UPDATE,
+never of an earlier SELECT, so check-ins cannot over-assign and uploads cannot over-fill.
+"""
+
+import datetime as dt
+import enum
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Update, update
+from sqlalchemy.orm import Session
+
+from fcp_server.storage.models import (
+    Assignment,
+    AssignmentStatus,
+    EntityKind,
+    Round,
+    RoundStatus,
+    StatusChange,
+    Task,
+    TaskStatus,
+)
+
+_ENTITY = {Task: EntityKind.TASK, Round: EntityKind.ROUND, Assignment: EntityKind.ASSIGNMENT}
+
+
+def _rowcount(session: Session, stmt: Update) -> int:
+    # Core-style execution: the identity map is not consulted, callers re-read what they need.
+    result = session.execute(stmt, execution_options={"synchronize_session": False})
+    return cast(CursorResult[Any], result).rowcount
+
+
+def record_change(
+    session: Session,
+    entity: EntityKind,
+    entity_id: str | int,
+    from_status: enum.Enum | None,
+    to_status: enum.Enum,
+    *,
+    now: dt.datetime,
+    reason: str = "",
+) -> None:
+    """Adds a status-history row (for creations, `from_status` is None)."""
+    session.add(
+        StatusChange(
+            entity=entity,
+            entity_id=str(entity_id),
+            from_status=None if from_status is None else from_status.value,
+            to_status=to_status.value,
+            changed_at=now,
+            reason=reason[:2000],
+        )
+    )
+
+
+def _cas(
+    session: Session,
+    model: type[Task] | type[Round] | type[Assignment],
+    pk: int | str,
+    from_status: enum.Enum,
+    to_status: enum.Enum,
+    *,
+    now: dt.datetime,
+    reason: str,
+    values: dict[str, Any],
+    conditions: tuple[Any, ...] = (),
+) -> bool:
+    stmt = (
+        update(model)
+        .where(model.id == pk, model.status == from_status, *conditions)
+        .values(status=to_status, **values)
+    )
+    if _rowcount(session, stmt) != 1:
+        return False
+    record_change(session, _ENTITY[model], pk, from_status, to_status, now=now, reason=reason)
+    return True
+
+
+def move_task(
+    session: Session,
+    task_pk: int,
+    from_status: TaskStatus,
+    to_status: TaskStatus,
+    *,
+    now: dt.datetime,
+    reason: str = "",
+    **values: Any,
+) -> bool:
+    """CAS a task's status; True if this caller made the change."""
+    return _cas(
+        session, Task, task_pk, from_status, to_status, now=now, reason=reason, values=values
+    )
+
+
+def move_round(
+    session: Session,
+    round_pk: int,
+    from_status: RoundStatus,
+    to_status: RoundStatus,
+    *,
+    now: dt.datetime,
+    reason: str = "",
+    apply_claim: int | None = None,
+    **values: Any,
+) -> bool:
+    """CAS a round's status (and stamp `status_changed_at`); True if this caller won.
+
+    `apply_claim`, when given, also requires `apply_attempts` to equal it: only the worker
+    holding that aggregation claim may finish or release an APPLYING round.
+    """
+    values.setdefault("status_changed_at", now)
+    conditions = () if apply_claim is None else (Round.apply_attempts == apply_claim,)
+    return _cas(
+        session,
+        Round,
+        round_pk,
+        from_status,
+        to_status,
+        now=now,
+        reason=reason,
+        values=values,
+        conditions=conditions,
+    )
+
+
+def move_assignment(
+    session: Session,
+    assignment_id: str,
+    from_status: AssignmentStatus,
+    to_status: AssignmentStatus,
+    *,
+    now: dt.datetime,
+    reason: str = "",
+    **values: Any,
+) -> bool:
+    """CAS an assignment's status (and stamp `status_changed_at`); True if this caller won."""
+    values.setdefault("status_changed_at", now)
+    return _cas(
+        session,
+        Assignment,
+        assignment_id,
+        from_status,
+        to_status,
+        now=now,
+        reason=reason,
+        values=values,
+    )
+
+
+def claim_slot(session: Session, round_pk: int) -> bool:
+    """Takes one assignment slot of a COLLECTING round if one is free (atomic)."""
+    stmt = (
+        update(Round)
+        .where(
+            Round.id == round_pk,
+            Round.status == RoundStatus.COLLECTING,
+            Round.active_count < Round.capacity,
+        )
+        .values(active_count=Round.active_count + 1)
+    )
+    return _rowcount(session, stmt) == 1
+
+
+def release_slot(session: Session, round_pk: int) -> None:
+    """Gives back a slot when an assignment fails, times out or is canceled."""
+    stmt = (
+        update(Round)
+        .where(Round.id == round_pk, Round.active_count > 0)
+        .values(active_count=Round.active_count - 1)
+    )
+    _rowcount(session, stmt)
+
+
+def count_report(session: Session, round_pk: int) -> bool:
+    """Counts one accepted upload if the round is COLLECTING and below its goal (atomic)."""
+    stmt = (
+        update(Round)
+        .where(
+            Round.id == round_pk,
+            Round.status == RoundStatus.COLLECTING,
+            Round.reported_count < Round.report_goal,
+        )
+        .values(reported_count=Round.reported_count + 1)
+    )
+    return _rowcount(session, stmt) == 1
