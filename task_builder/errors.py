@@ -6,7 +6,11 @@ TaskBuilderError
 ├── ModelLoadError         the saved model cannot be loaded/used (INVALID_REQUEST, HTTP 400)
 ├── ArtifactBuildError     plan/checkpoint building failed (ARTIFACT_BUILDING_ERROR, HTTP 500)
 │   └── FlexOpsError       the device program needs ops outside the allowlist (HTTP 422)
-└── TaskManagementError    the server refused or failed task registration (HTTP 502)
+├── TaskManagementError    the server refused or failed task registration (HTTP 502)
+│   └── TaskConflictError  the population already has an active task (HTTP 409)
+└── BuildRequestError      the build request itself is malformed (INVALID_REQUEST, HTTP 400)
+    ├── RequestTooLargeError   the body exceeds the service's bound (HTTP 413)
+    └── UnsupportedMediaError  neither protobuf nor JSON (HTTP 415)
 """
 
 from fcp_server.protos import task_builder_pb2
@@ -55,3 +59,28 @@ class TaskManagementError(TaskBuilderError):
 
     error_type = task_builder_pb2.ErrorType.TASK_MANAGEMENT_ERROR
     http_status = 502
+
+
+class TaskConflictError(TaskManagementError):
+    """The server refused the tasks: the population already has an active one of that kind."""
+
+    http_status = 409
+
+
+class BuildRequestError(TaskBuilderError):
+    """The BuildTaskRequest cannot be decoded (bad body, media type or size)."""
+
+    error_type = task_builder_pb2.ErrorType.INVALID_REQUEST
+    http_status = 400
+
+
+class RequestTooLargeError(BuildRequestError):
+    """The request body is larger than the service accepts."""
+
+    http_status = 413
+
+
+class UnsupportedMediaError(BuildRequestError):
+    """The request body is neither binary protobuf nor proto3 JSON."""
+
+    http_status = 415

@@ -17,6 +17,7 @@ import safetensors.numpy
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fcp_server.aggregation.state import ModelWeights
 from fcp_server.protos import plan_pb2, task_builder_pb2
 from task_builder import (
     data_spec,
@@ -24,6 +25,7 @@ from task_builder import (
     flex_ops,
     learning_process,
     metric_specs,
+    model_versions,
     optimizer_math,
     server_plan,
 )
@@ -72,10 +74,23 @@ def build_model_spec(model: tff.learning.models.FunctionalModel) -> plan_pb2.Mod
 
 
 def build_initial_checkpoint(
-    model: tff.learning.models.FunctionalModel, server: plan_pb2.ServerPlan
+    model: tff.learning.models.FunctionalModel,
+    server: plan_pb2.ServerPlan,
+    initial_weights: ModelWeights | None = None,
 ) -> bytes:
-    """Safetensors bytes: the initial weights plus zero server optimizer state."""
-    trainable, non_trainable = model.initial_weights
+    """Safetensors bytes: the initial weights plus zero server optimizer state.
+
+    Args:
+        model: The FunctionalModel; its `initial_weights` start training by default.
+        server: The training ServerPlan (for the server optimizer state tensors).
+        initial_weights: Warm start: these weights instead of the model's, already checked
+            against the ModelSpec (`model_versions.check_weights`). The server optimizer
+            state still starts at zero, as for a fresh TFF `optimizer.initialize`.
+    """
+    if initial_weights is None:
+        trainable, non_trainable = model.initial_weights
+    else:
+        trainable, non_trainable = initial_weights.trainable, initial_weights.non_trainable
     tensors: dict[str, npt.NDArray[Any]] = {}
     for i, w in enumerate(trainable):
         tensors[f"trainable/{i}"] = np.ascontiguousarray(w)
@@ -122,6 +137,7 @@ class _Common:
     metrics: list[plan_pb2.MetricSpec]
     skip_flex: bool
     allowlist: dict[str, str] | None
+    initial_weights: ModelWeights | None = None  # warm start; None = the model's own
 
 
 def _data_spec(
@@ -189,7 +205,7 @@ def _training(
         metrics=common.metrics,
         skip_dp_aggregator=skip_dp_aggregator,
     )
-    checkpoint = build_initial_checkpoint(common.model, server)
+    checkpoint = build_initial_checkpoint(common.model, server, common.initial_weights)
     return TaskPlans(client, server, checkpoint, report.flex_ops, report.min_client_version)
 
 
@@ -234,8 +250,15 @@ def build_plans(
     skip_dp_aggregator: bool,
     skip_flex_ops_check: bool,
     allowlist_path: str | None = None,
+    initial_weights: ModelWeights | None = None,
 ) -> BuiltPlans:
     """Builds the plans of a validated config.
+
+    Warm start: with `initial_weights` (e.g. a round of an earlier task, read by
+    `model_versions.load_version_weights`), the training task's initial checkpoint carries
+    those weights instead of the model's. Only the weights carry over: the server optimizer
+    state (momentum, Adam moments) and the DP aggregator state start fresh, and the new task's
+    DP accounting covers the new task only (a device in both tasks spends both budgets).
 
     Args:
         model: The loaded FunctionalModel (`model_loading.load_model`).
@@ -243,12 +266,14 @@ def build_plans(
         skip_dp_aggregator: Build the training plan without a DP aggregator.
         skip_flex_ops_check: Build even if Flex ops are not allowlisted (min version "0").
         allowlist_path: The flex-op allowlist CSV (default: configs/flex_ops_allowlist.csv).
+        initial_weights: Warm-start weights, validated here against the model's ModelSpec.
 
     Returns:
         The training and/or evaluation TaskPlans the config's mode asks for.
 
     Raises:
         ModelLoadError: The model's inputs cannot be read from tf.Examples.
+        ModelVersionError: `initial_weights` do not fit the model (names the tensor).
         TaskConfigError: The config cannot be built (mode, DP, optimizer).
         FlexOpsError: The device program needs ops outside the allowlist.
         ArtifactBuildError: Conversion or serialization failed.
@@ -256,6 +281,9 @@ def build_plans(
     mode = config.mode
     if mode not in (_Mode.TRAINING_ONLY, _Mode.TRAINING_AND_EVAL, _Mode.EVAL_ONLY):
         raise TaskConfigError(f"task mode {mode} is not TRAINING_ONLY/TRAINING_AND_EVAL/EVAL_ONLY")
+    model_spec = build_model_spec(model)
+    if initial_weights is not None:
+        initial_weights = model_versions.check_weights(initial_weights, model_spec)
     inputs = data_spec.describe_inputs(model.input_spec, config.label_name)
     names = tuple(learning_process.accepted_metric_names(config))
     try:
@@ -265,11 +293,12 @@ def build_plans(
     common = _Common(
         model=model,
         inputs=inputs,
-        model_spec=build_model_spec(model),
+        model_spec=model_spec,
         metric_names=names,
         metrics=metrics,
         skip_flex=skip_flex_ops_check,
         allowlist=None if skip_flex_ops_check else flex_ops.load_allowlist(allowlist_path),
+        initial_weights=initial_weights,
     )
     training = None if mode == _Mode.EVAL_ONLY else _training(common, config, skip_dp_aggregator)
     evaluation = None if mode == _Mode.TRAINING_ONLY else _evaluation(common, config)
