@@ -149,7 +149,7 @@ def convert_to_tflite(saved_model_dir: str | os.PathLike[str]) -> tuple[bytes, b
             result: bytes = converter.convert()
             return result, select_ops
         except (ConverterError, ValueError) as e:
-            errors.append(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+            errors.append(" ".join(str(e).split())[:500] or repr(e))
     raise ArtifactBuildError(f"Cannot convert the serving model to TFLite: {'; '.join(errors)}")
 
 

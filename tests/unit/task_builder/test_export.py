@@ -129,3 +129,40 @@ def test_unwritable_output_is_an_artifact_error(digits_model, tmp_path):
     weights = _perturbed(digits_model, np.random.default_rng(6))
     with pytest.raises(ArtifactBuildError, match="Cannot write the export"):
         export.export_model(digits_model, weights, target)
+
+
+def _hashing_model():
+    """A string-feature model: hashing has no TFLite builtin, so it needs select TF ops."""
+    import tensorflow_federated as tff
+
+    def predict(weights, x, training=False):
+        del training
+        (kernel,), _ = weights
+        buckets = tf.strings.to_hash_bucket_fast(x[:, 0], 4)
+        return tf.matmul(tf.one_hot(buckets, 4), kernel)
+
+    def loss(output, label, sample_weight=None):
+        del sample_weight
+        return tf.reduce_mean(tf.square(output - label))
+
+    return tff.learning.models.FunctionalModel(
+        initial_weights=((np.zeros((4, 1), np.float32),), ()),
+        predict_on_batch_fn=tf.function(predict),
+        loss_fn=loss,
+        input_spec=(tf.TensorSpec([None, 1], tf.string), tf.TensorSpec([None, 1], tf.float32)),
+    )
+
+
+def test_ops_without_builtins_fall_back_to_select_tf_ops(tmp_path):
+    model = _hashing_model()
+    kernel = np.arange(4, dtype=np.float32).reshape(4, 1)
+    exported = export.export_model(model, ModelWeights((kernel,), ()), tmp_path)
+
+    assert exported.tflite_select_tf_ops
+    flex, _ = flex_ops.list_custom_ops(exported.tflite_path.read_bytes())
+    assert "StringToHashBucketFast" in flex
+    words = np.array([[b"a"], [b"bb"], [b"ccc"]])
+    want = _reference(model, ModelWeights((kernel,), ()), words)
+    np.testing.assert_allclose(export.predict_saved_model(exported.saved_model_dir, words), want)
+    # The Python interpreter links the Flex delegate, as a device with select TF ops would.
+    np.testing.assert_allclose(_tflite_predict(exported.tflite_path, words), want)
