@@ -14,7 +14,7 @@ from flask import Flask, Response, g, request
 
 from fcp_server import errors, observability, worker
 from fcp_server.aggregation import make_noise_rng
-from fcp_server.api import context, devices, downloads, ops, tasks
+from fcp_server.api import context, dashboard, devices, downloads, ops, tasks
 from fcp_server.clock import Clock, SystemClock
 from fcp_server.services.auth import Authenticator, OpenAuthenticator, TokenAuthenticator
 from fcp_server.services.plan_cache import PlanCache
@@ -81,7 +81,8 @@ def create_app(
     app = Flask(__name__)
     context.install(app, ctx)
     errors.register_error_handlers(app)
-    for blueprint in (tasks.blueprint, devices.blueprint, downloads.blueprint, ops.blueprint):
+    blueprints = (tasks, devices, downloads, ops, dashboard)
+    for blueprint in (module.blueprint for module in blueprints):
         app.register_blueprint(blueprint)
     _observe_requests(app, ctx.metrics)
     if settings.embedded_worker:

@@ -6,6 +6,7 @@ ODP `task_builder_core.build_task_group_request_handler` (odp-federated-compute.
   2. DP accounting; calibrate or check epsilon         (dp_budget)
   3. the Task protos                                    (tasks)
   4. load the model, build plans + checkpoint           (model_loading, plans; TensorFlow)
+     warm start: the checkpoint carries a stored round's weights  (model_versions)
   5. artifact-only: write to the config's URLs          (artifacts)
      otherwise: create, upload, open on the server     (registration; cancelled on failure)
   6. the TaskReport                                     (report)
@@ -22,6 +23,7 @@ from task_builder import artifacts, dp_budget, registration, report, task_config
 from task_builder import config_defaults as d
 from task_builder.errors import (
     ArtifactBuildError,
+    BuildRequestError,
     ModelLoadError,
     TaskBuilderError,
     TaskManagementError,
@@ -95,22 +97,61 @@ def prepare(
     return Prepared(config=config, accounting=accounting, tasks=tasks.build_tasks(config))
 
 
+def check_warm_start(request: task_builder_pb2.BuildTaskRequest, mode: int) -> None:
+    """Checks a requested warm start before any TensorFlow work (no-op without one).
+
+    Raises:
+      BuildRequestError: a field is missing or out of range, or the mode trains nothing.
+    """
+    if not request.HasField("warm_start"):
+        return
+    ws = request.warm_start
+    if mode not in d.TRAINING_MODES:
+        raise BuildRequestError("warm_start needs a training task; EVAL_ONLY trains nothing")
+    if not ws.blob_url or not ws.population_name:
+        raise BuildRequestError("warm_start needs blob_url and population_name")
+    if ws.task_id <= 0:
+        raise BuildRequestError(f"warm_start.task_id must be positive, got {ws.task_id}")
+    if ws.HasField("round") and ws.round < 0:
+        raise BuildRequestError(f"warm_start.round must be >= 0, got {ws.round}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plans:
+    built: BuiltPlansLike
+    warm_start_from: str  # "<population>/<task_id> round <n>", "" without warm start
+
+
 def _build_plans(
     request: task_builder_pb2.BuildTaskRequest, config: task_builder_pb2.TaskConfig
-) -> BuiltPlansLike:
+) -> _Plans:
     uri = request.saved_model.uri
     if not uri:
         raise ModelLoadError("saved_model.uri is required: the saved FunctionalModel to build from")
     # TensorFlow and TFF load only here, so validation and the service start stay light.
-    from task_builder import model_loading, plans
+    from task_builder import model_loading, model_versions, plans
 
     model = model_loading.load_model(uri)
-    return plans.build_plans(
+    initial_weights, started_from = None, ""
+    if request.HasField("warm_start"):
+        # Only the weights carry over; plans.build_plans documents what starts fresh.
+        ws = request.warm_start
+        version, initial_weights = model_versions.load_warm_start_weights(
+            ws.blob_url,
+            ws.population_name,
+            ws.task_id,
+            plans.build_model_spec(model),
+            round_num=ws.round if ws.HasField("round") else None,
+        )
+        started_from = f"{ws.population_name}/{ws.task_id} round {version.round}"
+    built = plans.build_plans(
         model,
         config,
         skip_dp_aggregator=request.flags.skip_dp_aggregator,
         skip_flex_ops_check=request.flags.skip_flex_ops_check,
+        initial_weights=initial_weights,
     )
+    return _Plans(built=built, warm_start_from=started_from)
 
 
 def _plans_for(built: BuiltPlansLike, kind: str) -> BuiltTaskPlans:
@@ -179,7 +220,7 @@ def build_task_group(
     """Runs the whole pipeline for one request.
 
     Args:
-      request: the saved model URI, TaskConfig and experiment flags.
+      request: the saved model URI, TaskConfig, experiment flags and optional warm start.
       artifact_only: write artifacts to the config's URLs and register nothing.
       server: the task-management client (required unless artifact_only).
       report_out: filled with the TaskReport as far as the build got (for error responses).
@@ -197,9 +238,12 @@ def build_task_group(
         artifacts.check_artifact_urls(config)
     elif server is None:
         raise TaskManagementError("no task management server is configured")
-    built = _build_plans(request, config)
+    check_warm_start(request, config.mode)
+    planned = _build_plans(request, config)
+    built = planned.built
     versions = _apply_versions(protos, built)
     report_out.CopyFrom(report.build_report(config, prepared.accounting, versions))
+    report_out.warm_start_from = planned.warm_start_from
     if artifact_only:
         group = _write_artifacts(config, protos, built)
     else:

@@ -4,6 +4,8 @@ The flags of ODP's `task_builder_client.py` (odp-federated-compute.md section 1.
 the config is read here and a BuildTaskRequest is POSTed to the task-builder service; with
 --local the build runs in this process and registers with the FCP server at --server. Unlike
 the reference, any build error is printed and the exit code is non-zero (1; 2 for bad flags).
+The --warm_start_* flags (added) start training from a stored round of an earlier task; a
+remote build may leave out --warm_start_blob_url, as the service reads only its own store.
 """
 
 import argparse
@@ -23,7 +25,7 @@ _REMOTE_TIMEOUT_SECONDS = 1800.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses the reference's flags plus --local / --server."""
+    """Parses the reference's flags plus --local, --server and --warm_start_* (exit 2 if bad)."""
     p = argparse.ArgumentParser(prog="task_builder_client", description=__doc__.splitlines()[0])
     p.add_argument("--saved_model", required=True, help="saved FunctionalModel: path or gs://")
     p.add_argument("--task_config", required=True, help="text TaskConfig: path, file:// or gs://")
@@ -39,7 +41,51 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--local", action=flag, default=False, help="build in this process")
     p.add_argument("--server", default="http://localhost:8080", help="FCP server (with --local)")
-    return p.parse_args(argv)
+    ws = p.add_argument_group("warm start", "start from a stored round of an earlier task")
+    ws.add_argument("--warm_start_blob_url", default=None, help="the FCP server's blob store")
+    ws.add_argument("--warm_start_population", default=None, help="the earlier task's population")
+    ws.add_argument("--warm_start_task", type=int, default=None, help="the earlier task's id")
+    ws.add_argument("--warm_start_round", type=int, default=None, help="default: latest round")
+    args = p.parse_args(argv)
+    problem = warm_start_flag_error(args)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def warm_start_flag_error(args: argparse.Namespace) -> str | None:
+    """Why the --warm_start_* flags are inconsistent, or None when they are usable."""
+    required = {
+        "--warm_start_population": args.warm_start_population,
+        "--warm_start_task": args.warm_start_task,
+    }
+    # A remote service reads only its configured store, so the URL is needed only locally.
+    if args.local:
+        required["--warm_start_blob_url"] = args.warm_start_blob_url
+    given = [args.warm_start_blob_url, args.warm_start_round, *required.values()]
+    if all(v is None for v in given):
+        return None
+    missing = [flag for flag, value in required.items() if value is None]
+    if missing:
+        return (
+            f"warm start needs all of {', '.join(sorted(required))}; missing {', '.join(missing)}"
+        )
+    if args.warm_start_task <= 0:
+        return f"--warm_start_task must be a positive task id, got {args.warm_start_task}"
+    if args.warm_start_round is not None and args.warm_start_round < 0:
+        return f"--warm_start_round must be >= 0, got {args.warm_start_round}"
+    return None
+
+
+def _warm_start(args: argparse.Namespace) -> task_builder_pb2.WarmStart | None:
+    if args.warm_start_task is None:
+        return None
+    return task_builder_pb2.WarmStart(
+        blob_url=args.warm_start_blob_url or "",
+        population_name=args.warm_start_population,
+        task_id=args.warm_start_task,
+        round=args.warm_start_round,
+    )
 
 
 def make_request(args: argparse.Namespace) -> task_builder_pb2.BuildTaskRequest:
@@ -55,6 +101,7 @@ def make_request(args: argparse.Namespace) -> task_builder_pb2.BuildTaskRequest:
             skip_dp_check=args.skip_dp_check,
             skip_dp_aggregator=args.skip_dp_aggregator,
         ),
+        warm_start=_warm_start(args),
     )
 
 

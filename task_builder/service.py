@@ -6,6 +6,8 @@ register with the FCP server named by the settings), `/taskbuilder/v1:build-arti
 only), `/ready`, `/healthz`. Bodies are binary protobuf, or proto3 JSON when the Content-Type is
 application/json; replies use the request's format. Unlike the reference, failures answer with
 the error's HTTP status (task_builder.errors) AND carry `error_info`, never a bare 500.
+A request's warm start may only read the service's own configured blob store
+(FCP_WARM_START_BLOB_URL): the service never opens a URL a client sent.
 """
 
 import dataclasses
@@ -37,7 +39,7 @@ _SETTINGS_KEY = "task_builder"
 
 @dataclasses.dataclass(frozen=True)
 class ServiceSettings:
-    """Deployment settings of the task-builder service (env FCP_SERVER_URL, FCP_ADMIN_API_KEY)."""
+    """Deployment settings of the task-builder service (env vars: see `from_env`)."""
 
     # The FCP server whose task-management API registers the built tasks.
     server_url: str = "http://localhost:8080"
@@ -47,20 +49,26 @@ class ServiceSettings:
     max_request_bytes: int = 4 * 1024 * 1024
     # Timeout of each call to the server, seconds (artifact uploads can be large).
     server_timeout_seconds: float = 300.0
+    # The FCP server's blob store that warm starts read (file:// or gs://); None refuses them.
+    warm_start_blob_url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.server_url.startswith(("http://", "https://")):
             raise ValueError(f"FCP_SERVER_URL must be an http(s) URL, got {self.server_url!r}")
         if self.max_request_bytes <= 0 or self.server_timeout_seconds <= 0:
             raise ValueError("max_request_bytes and server_timeout_seconds must be positive")
+        url = self.warm_start_blob_url
+        if url is not None and not url.startswith(("file://", "gs://")):
+            raise ValueError(f"FCP_WARM_START_BLOB_URL must be a file:// or gs:// URL, got {url!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ServiceSettings":
-        """Reads FCP_SERVER_URL and FCP_ADMIN_API_KEY (defaults otherwise)."""
+        """Reads FCP_SERVER_URL, FCP_ADMIN_API_KEY, FCP_WARM_START_BLOB_URL (defaults otherwise)."""
         source = os.environ if env is None else env
         return cls(
             server_url=source.get("FCP_SERVER_URL", cls.server_url),
             admin_api_key=source.get("FCP_ADMIN_API_KEY") or None,
+            warm_start_blob_url=source.get("FCP_WARM_START_BLOB_URL") or None,
         )
 
 
@@ -101,6 +109,32 @@ def parse_build_request(body: bytes, media_type: str) -> task_builder_pb2.BuildT
     return message
 
 
+def resolve_warm_start(
+    build_request: task_builder_pb2.BuildTaskRequest, configured_url: str | None
+) -> None:
+    """Points a requested warm start at the configured store, in place (no-op without one).
+
+    A client must not make the service read an arbitrary URL (a local path, another bucket),
+    so the request's blob_url may only be empty or name the configured store.
+
+    Raises:
+      BuildRequestError: no store is configured, or the request names another one.
+    """
+    if not build_request.HasField("warm_start"):
+        return
+    if configured_url is None:
+        raise BuildRequestError(
+            "warm start is not enabled on this task builder (FCP_WARM_START_BLOB_URL is unset)"
+        )
+    warm_start = build_request.warm_start
+    if warm_start.blob_url and warm_start.blob_url.rstrip("/") != configured_url.rstrip("/"):
+        raise BuildRequestError(
+            "warm_start.blob_url must be empty or this task builder's configured blob store; "
+            "the service reads no other URL"
+        )
+    warm_start.blob_url = configured_url
+
+
 def _reply(message: task_builder_pb2.BuildTaskResponse, status: int) -> Response:
     if _media_type() == _JSON:
         return Response(json_format.MessageToJson(message), status=status, mimetype=_JSON)
@@ -111,6 +145,7 @@ def _build(app: Flask, *, artifact_only: bool, transport: httpx.BaseTransport | 
     settings: ServiceSettings = app.extensions[_SETTINGS_KEY]
     try:
         build_request = parse_build_request(_read_body(settings.max_request_bytes), _media_type())
+        resolve_warm_start(build_request, settings.warm_start_blob_url)
     except BuildRequestError as e:
         return _reply(builder.error_response(e), e.http_status)
     client = registration.TaskManagementClient(

@@ -32,7 +32,7 @@ echo "== pytest ${args[*]}"
 # worker_binary orphans, a stray server) is ended when it finishes.
 sidfile="$(mktemp)"
 set +e
-setsid --wait bash -c 'echo $$ > "$0"; shift; exec "$@"' "$sidfile" "$bin/pytest" "${args[@]}"
+setsid --wait bash -c 'echo $$ > "$0"; exec "$@"' "$sidfile" "$bin/pytest" "${args[@]}"
 rc=$?
 set -e
 sid="$(cat "$sidfile")"

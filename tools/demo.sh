@@ -9,7 +9,7 @@ tools/bootstrap.sh
 # The run gets a session of its own so that nothing it starts outlives this command.
 sidfile="$(mktemp)"
 set +e
-setsid --wait bash -c 'echo $$ > "$0"; shift; exec "$@"' "$sidfile" \
+setsid --wait bash -c 'echo $$ > "$0"; exec "$@"' "$sidfile" \
   "$root/.venv/bin/python" tools/demo.py "$@"
 rc=$?
 set -e
