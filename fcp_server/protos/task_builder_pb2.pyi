@@ -48,15 +48,29 @@ class ExperimentFlags(_message.Message):
     skip_dp_aggregator: bool
     def __init__(self, skip_flex_ops_check: bool = ..., skip_dp_check: bool = ..., skip_dp_aggregator: bool = ...) -> None: ...
 
+class WarmStart(_message.Message):
+    __slots__ = ("blob_url", "population_name", "task_id", "round")
+    BLOB_URL_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_NAME_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    blob_url: str
+    population_name: str
+    task_id: int
+    round: int
+    def __init__(self, blob_url: _Optional[str] = ..., population_name: _Optional[str] = ..., task_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
 class BuildTaskRequest(_message.Message):
-    __slots__ = ("saved_model", "task_config", "flags")
+    __slots__ = ("saved_model", "task_config", "flags", "warm_start")
     SAVED_MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_CONFIG_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
+    WARM_START_FIELD_NUMBER: _ClassVar[int]
     saved_model: _common_pb2.Resource
     task_config: TaskConfig
     flags: ExperimentFlags
-    def __init__(self, saved_model: _Optional[_Union[_common_pb2.Resource, _Mapping]] = ..., task_config: _Optional[_Union[TaskConfig, _Mapping]] = ..., flags: _Optional[_Union[ExperimentFlags, _Mapping]] = ...) -> None: ...
+    warm_start: WarmStart
+    def __init__(self, saved_model: _Optional[_Union[_common_pb2.Resource, _Mapping]] = ..., task_config: _Optional[_Union[TaskConfig, _Mapping]] = ..., flags: _Optional[_Union[ExperimentFlags, _Mapping]] = ..., warm_start: _Optional[_Union[WarmStart, _Mapping]] = ...) -> None: ...
 
 class BuildTaskResponse(_message.Message):
     __slots__ = ("task_group", "error_info", "task_report")
@@ -273,7 +287,7 @@ class TaskConfig(_message.Message):
     def __init__(self, mode: _Optional[_Union[TaskMode.Enum, str]] = ..., population_name: _Optional[str] = ..., label_name: _Optional[str] = ..., policies: _Optional[_Union[Policies, _Mapping]] = ..., federated_learning: _Optional[_Union[FederatedLearning, _Mapping]] = ..., differential_privacy: _Optional[_Union[DifferentialPrivacy, _Mapping]] = ..., use_daf: bool = ...) -> None: ...
 
 class TaskReport(_message.Message):
-    __slots__ = ("applied_algorithms", "metric_results", "dp_hyperparameters", "task_versions")
+    __slots__ = ("applied_algorithms", "metric_results", "dp_hyperparameters", "task_versions", "warm_start_from")
     class AppliedAlgorithms(_message.Message):
         __slots__ = ("learning_algo", "client_optimizer", "server_optimizer", "dp_aggregator")
         LEARNING_ALGO_FIELD_NUMBER: _ClassVar[int]
@@ -326,8 +340,10 @@ class TaskReport(_message.Message):
     METRIC_RESULTS_FIELD_NUMBER: _ClassVar[int]
     DP_HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     TASK_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    WARM_START_FROM_FIELD_NUMBER: _ClassVar[int]
     applied_algorithms: TaskReport.AppliedAlgorithms
     metric_results: TaskReport.MetricResults
     dp_hyperparameters: TaskReport.DpHyperparameters
     task_versions: _containers.RepeatedCompositeFieldContainer[TaskReport.TaskVersion]
-    def __init__(self, applied_algorithms: _Optional[_Union[TaskReport.AppliedAlgorithms, _Mapping]] = ..., metric_results: _Optional[_Union[TaskReport.MetricResults, _Mapping]] = ..., dp_hyperparameters: _Optional[_Union[TaskReport.DpHyperparameters, _Mapping]] = ..., task_versions: _Optional[_Iterable[_Union[TaskReport.TaskVersion, _Mapping]]] = ...) -> None: ...
+    warm_start_from: str
+    def __init__(self, applied_algorithms: _Optional[_Union[TaskReport.AppliedAlgorithms, _Mapping]] = ..., metric_results: _Optional[_Union[TaskReport.MetricResults, _Mapping]] = ..., dp_hyperparameters: _Optional[_Union[TaskReport.DpHyperparameters, _Mapping]] = ..., task_versions: _Optional[_Iterable[_Union[TaskReport.TaskVersion, _Mapping]]] = ..., warm_start_from: _Optional[str] = ...) -> None: ...
