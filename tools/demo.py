@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary["eval_accuracy"] = last_eval.get(
                 "server/client_work/eval/sparse_categorical_accuracy"
             )
-            summary["eval_of_training_round"] = last_eval.get("server/eval/training_result_id")
+            summary["eval_of_training_round"] = last_eval.get("server/eval/training_round")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\nSummary")
     for key, value in summary.items():

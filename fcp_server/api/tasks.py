@@ -13,7 +13,7 @@ from fcp_server import errors
 from fcp_server.api import wire
 from fcp_server.api.context import db_session, server
 from fcp_server.protos import task_pb2
-from fcp_server.services import artifacts, auth, blob_paths, rounds, tasks
+from fcp_server.services import artifacts, auth, blob_paths, task_open, tasks
 
 blueprint = Blueprint("tasks", __name__, url_prefix="/taskmanagement/v1")
 
@@ -72,7 +72,7 @@ def open_task(pop: str, task_id: int) -> Response:
     """CREATED -> OPEN (all artifacts present) and the first round starts."""
     ctx, session = server(), db_session()
     with session.begin():
-        rounds.open_task(
+        task_open.open_task(
             session=session,
             blobs=ctx.blobs,
             pop=pop,

@@ -2,5 +2,6 @@
 
 Task management (`tasks`, `artifacts`), device check-in (`checkin`), report-result
 (`reports`), uploads (`uploads`), the round lifecycle (`rounds`, `round_close`, `maintenance`),
-privacy accounting (`privacy_budget`) and device authentication (`auth`).
+evaluation checkpoint selection (`eval_selection`), DP budget bookkeeping (`dp_budget`, over
+`fcp_server.accounting`) and device authentication (`auth`).
 """

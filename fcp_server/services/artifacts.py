@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 
 from fcp_server import checkpoints, errors
 from fcp_server.aggregation import RoundAccumulator, ServerState, UnsupportedAggregation
-from fcp_server.protos import plan_pb2
-from fcp_server.services import blob_paths, tasks
+from fcp_server.protos import plan_pb2, task_builder_pb2
+from fcp_server.services import blob_paths, dp_budget, tasks
 from fcp_server.storage.blobs import BlobNotFound, BlobStore
 from fcp_server.storage.models import Task, TaskKind, TaskStatus
 
@@ -24,6 +24,10 @@ _PLAN_KIND = {
     TaskKind.TRAINING: plan_pb2.PlanKind.TRAINING,
     TaskKind.EVALUATION: plan_pb2.PlanKind.EVALUATION,
 }
+_Algo = task_builder_pb2.LearningAlgo
+# FED_AVG devices upload initial - trained weights, FED_SGD devices their mean gradient; the
+# server aggregates both the same way (DP mean + server optimizer, as TFF's build_fed_sgd).
+_ALGORITHMS = (_Algo.UNKNOWN, _Algo.FED_AVG, _Algo.FED_SGD)
 _SHA_COLUMN = {
     "client_only_plan": "client_plan_sha256",
     "server_phase": "server_plan_sha256",
@@ -73,8 +77,14 @@ def parse_server_plan(data: bytes, task: Task) -> plan_pb2.ServerPlan:
         )
     if plan.round_deadline_seconds < 0:
         raise errors.BadRequest("server_phase.round_deadline_seconds must be >= 0")
+    if plan.algorithm not in _ALGORITHMS:
+        raise errors.BadRequest(
+            f"server_phase.algorithm {plan.algorithm} is not FED_AVG or FED_SGD"
+        )
     try:
         RoundAccumulator(plan)  # validates the aggregation, optimizer and metric specs
+        if task.kind == TaskKind.TRAINING:
+            dp_budget.dp_setup(plan)  # and that its DP settings can be accounted
     except UnsupportedAggregation as e:
         raise errors.BadRequest(f"server_phase: {e}") from e
     except ValueError as e:
@@ -190,8 +200,38 @@ def validate_for_open(blobs: BlobStore, task: Task, max_bytes: int) -> OpenArtif
     )
     if client_plan.HasField("model") and client_plan.model != server_plan.model:
         raise errors.BadRequest("client_only_plan.model differs from server_phase.model")
+    if task.kind == TaskKind.TRAINING and _algorithm(client_plan) != _algorithm(server_plan):
+        raise errors.BadRequest(
+            f"client_only_plan.algorithm {_Algo.Enum.Name(_algorithm(client_plan))} differs from "
+            f"server_phase.algorithm {_Algo.Enum.Name(_algorithm(server_plan))}"
+        )
     state = None
     if task.kind == TaskKind.TRAINING:
         data = _read(blobs, blob_paths.artifact_blob(pop, tid, "checkpoint"), max_bytes)
         state = parse_initial_checkpoint(data, server_plan, max_bytes)
     return OpenArtifacts(server_plan=server_plan, client_plan=client_plan, initial_state=state)
+
+
+def _algorithm(plan: plan_pb2.ServerPlan | plan_pb2.ClientOnlyPlan) -> int:
+    # UNKNOWN is the builder's default, FED_AVG.
+    return int(plan.algorithm) or _Algo.FED_AVG
+
+
+def check_eval_model(
+    blobs: BlobStore, eval_plan: plan_pb2.ServerPlan, training: Task, max_bytes: int
+) -> None:
+    """Checks an eval plan evaluates the training task's model (its client checkpoints).
+
+    Skipped while the training task has no server plan yet; its own open checks it then.
+
+    Raises:
+        BadRequest: The models differ, so devices could not load the training checkpoints.
+    """
+    if training.server_plan_sha256 is None:
+        return
+    training_plan = load_server_plan(blobs, training, max_bytes)
+    if eval_plan.HasField("model") and eval_plan.model != training_plan.model:
+        raise errors.BadRequest(
+            f"the eval plan's model differs from training task {training.population_name}/"
+            f"{training.task_id}'s model, whose checkpoints it evaluates"
+        )

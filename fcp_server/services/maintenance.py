@@ -20,7 +20,7 @@ import datetime as dt
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fcp_server.services import rounds
+from fcp_server.services import eval_rounds, rounds
 from fcp_server.settings import ServerSettings
 from fcp_server.storage import transitions
 from fcp_server.storage.blobs import BlobStore
@@ -153,7 +153,7 @@ def schedule_eval_rounds(session: Session, *, blobs: BlobStore, now: dt.datetime
     started = 0
     for task in idle:
         started += (
-            rounds.maybe_start_eval_round(session=session, blobs=blobs, task=task, now=now)
+            eval_rounds.maybe_start_eval_round(session=session, blobs=blobs, task=task, now=now)
             is not None
         )
     return started

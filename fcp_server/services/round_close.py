@@ -13,9 +13,10 @@ The stages, each its own step so a crash anywhere leaves a recoverable state:
 4. commit  APPLYING -> COMPLETED (only for the same claim), metric rows, epsilon spent, and the
            next round or the end of the task (rounds done or DP budget).
 
-Evaluation rounds sum and finalize the devices' metric state only. Expected failures (bad blob,
-bad plan) release the claim for a bounded number of retries (`rounds.fail_apply`); a crashed
-worker's claim is recovered by `maintenance.recover_stale_applies`.
+Evaluation rounds sum and finalize the devices' metric state only (TFF `build_fed_eval`) and
+record which training round they evaluated. Expected failures (bad blob, bad plan) release
+the claim for a bounded number of retries (`rounds.fail_apply`); a crashed worker's claim is
+recovered by `maintenance.recover_stale_applies`.
 """
 
 import dataclasses
@@ -33,13 +34,13 @@ from fcp_server.aggregation import (
     RoundAccumulator,
     ServerState,
     UnsupportedAggregation,
+    finalize_evaluation,
     finalize_round,
-    metrics,
 )
 from fcp_server.clock import Clock
 from fcp_server.observability import ServerMetrics
 from fcp_server.protos import plan_pb2
-from fcp_server.services import blob_paths, privacy_budget, rounds, uploads
+from fcp_server.services import blob_paths, dp_budget, eval_rounds, rounds, uploads
 from fcp_server.services.plan_cache import PlanCache
 from fcp_server.settings import ServerSettings
 from fcp_server.storage import transitions
@@ -152,55 +153,32 @@ def _base_state(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -
     return checkpoints.decode_server_checkpoint(data, plan, max_bytes=limit)
 
 
-def _dp_facts(
-    plan: plan_pb2.ServerPlan, task: Task, rounds_done: int
-) -> tuple[dict[str, float], float | None, bool]:
-    spec = plan.aggregation
-    epsilon = privacy_budget.epsilon_after(spec, task.report_goal, rounds_done)
-    facts: dict[str, float] = {}
-    if epsilon is not None:
-        facts = {
-            "server/dp/epsilon_spent": epsilon,
-            "server/dp/delta": privacy_budget.delta(spec),
-            "server/dp/sampling_probability": privacy_budget.sampling_probability(
-                spec, task.report_goal
-            ),
-            "server/dp/target_epsilon": spec.dp_target_epsilon,
-        }
-    exhausted = privacy_budget.next_round_exceeds_budget(spec, task.report_goal, rounds_done)
-    return facts, epsilon, exhausted
-
-
 def _train(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Outputs:
     state = _base_state(deps, task, rnd, plan)
     acc = RoundAccumulator(plan, state.aggregator_state)
     for assignment_id in _updates(deps, rnd):
         acc.add(_decode(deps, task, rnd, plan, assignment_id))  # one update in memory at a time
     outcome = finalize_round(acc, state, plan, deps.rng_factory())
-    facts, epsilon, exhausted = _dp_facts(plan, task, rnd.iteration_id)
+    # Training round N is the N-th aggregation (a retried attempt never aggregated).
+    budget = dp_budget.after_rounds(plan, task.total_iteration, rnd.iteration_id)
     return Outputs(
         server_checkpoint=checkpoints.encode_server_checkpoint(outcome.new_state),
         client_checkpoint=checkpoints.encode_client_checkpoint(outcome.new_state.weights),
-        metrics={**outcome.metrics, **facts},
-        budget_exhausted=exhausted,
-        epsilon=epsilon,
+        metrics={**outcome.metrics, **budget.metrics},
+        budget_exhausted=budget.exhausted,
+        epsilon=budget.epsilon,
     )
 
 
 def _evaluate(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Outputs:
-    sums = {m.name: np.zeros(metrics.state_size(m), dtype=np.float64) for m in plan.metrics}
-    num_examples = 0
+    acc = RoundAccumulator(plan)  # an EVALUATION plan: metric state only, no DP query
     for assignment_id in _updates(deps, rnd):
-        update = _decode(deps, task, rnd, plan, assignment_id)
-        num_examples += update.num_examples
-        for spec in plan.metrics:
-            state = metrics.flatten_state(update.metrics[spec.name])
-            sums[spec.name] += metrics.clamp_state(spec, state, update.num_examples)
-    prefix = "server/client_work/eval/"
-    values = {prefix + m.name: metrics.finalize_metric(m, sums[m.name]) for m in plan.metrics}
-    values.setdefault(prefix + "num_examples", float(num_examples))
-    values["server/aggregator/num_clients"] = float(rnd.report_goal)
+        acc.add(_decode(deps, task, rnd, plan, assignment_id))
+    values = finalize_evaluation(acc, plan)
     if rnd.evaluated_result_id is not None:
+        # Which training round's model these metrics describe (see `eval_selection`).
+        values["server/eval/training_round"] = float(rnd.evaluated_result_id)
+        # The same value under its earlier name, for readers of older metrics files.
         values["server/eval/training_result_id"] = float(rnd.evaluated_result_id)
     return Outputs(None, None, values, budget_exhausted=False, epsilon=None)
 
@@ -260,13 +238,13 @@ def _commit(deps: Deps, rnd: Round, claim: int, out: Outputs, digest: str | None
             task.epsilon_spent = out.epsilon
         rounds.advance_after_close(
             session=session,
-            blobs=deps.blobs,
             task=task,
             rnd=rnd,
             now=now,
             budget_exhausted=out.budget_exhausted,
             checkpoint_sha256=digest,
         )
+        eval_rounds.after_round_closed(session=session, blobs=deps.blobs, task=task, now=now)
     return True
 
 

@@ -1,4 +1,4 @@
-"""Round lifecycle: open a task's first round, advance after a close, retry or fail stuck rounds.
+"""Round lifecycle: start a round, advance after a close, retry or fail stuck rounds.
 
 A round (ODP "iteration") moves COLLECTING -> AGGREGATING -> APPLYING -> COMPLETED, every move
 a compare-and-swap (see `storage.transitions`). Unlike the reference, a round can never stay
@@ -8,26 +8,18 @@ and after `max_round_attempts` the task fails; an aggregation that errors or who
 is retried `max_apply_attempts` times, then the round and task fail.
 
 Training round N starts from result N-1 ({pop}/{task}/{N-1}/d/0/client_checkpoint) and
-publishes result N. Evaluation rounds evaluate the newest training result not yet evaluated
-(every k training rounds for an `iteration_selector` of size k), from a copy of its client
-checkpoint; they publish metrics only.
+publishes result N. Opening a task is `task_open`; evaluation rounds are started by
+`eval_rounds`, which uses `start_round` and `end_task` from here.
 """
 
 import datetime as dt
-import hashlib
-import json
 import logging
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from fcp_server import checkpoints, errors
-from fcp_server.services import artifacts, blob_paths, privacy_budget, tasks
 from fcp_server.settings import ServerSettings
 from fcp_server.storage import transitions
-from fcp_server.storage.blobs import BlobNotFound, BlobStore
 from fcp_server.storage.models import (
-    ACTIVE_ROUND_STATUSES,
     EntityKind,
     Round,
     RoundStatus,
@@ -37,7 +29,6 @@ from fcp_server.storage.models import (
 )
 
 _LOG = logging.getLogger(__name__)
-_TERMINAL_TASK = (TaskStatus.COMPLETED, TaskStatus.CANCELED, TaskStatus.FAILED)
 
 
 def start_round(
@@ -79,62 +70,6 @@ def start_round(
     return rnd
 
 
-def open_task(
-    *,
-    session: Session,
-    blobs: BlobStore,
-    pop: str,
-    task_id: int,
-    now: dt.datetime,
-    settings: ServerSettings,
-) -> Task:
-    """CREATED -> OPEN once every artifact is present and consistent; starts the first round.
-
-    Raises:
-        NotFound: Unknown task.
-        Conflict: Not CREATED, or an artifact is missing.
-        BadRequest: The artifacts do not agree.
-    """
-    task = tasks.get_task(session, pop, task_id)
-    if task.status != TaskStatus.CREATED:
-        raise errors.Conflict(f"task {pop}/{task_id} is {task.status.value}, not CREATED")
-    opened = artifacts.validate_for_open(blobs, task, settings.max_artifact_bytes)
-    spec = opened.server_plan.aggregation
-    if privacy_budget.next_round_exceeds_budget(spec, task.report_goal, 0):
-        raise errors.BadRequest(
-            f"one round already spends epsilon "
-            f"{privacy_budget.epsilon_after(spec, task.report_goal, 1):.4g}, above the plan's "
-            f"dp_target_epsilon {spec.dp_target_epsilon}"
-        )
-    deadline = opened.server_plan.round_deadline_seconds or settings.round_deadline_seconds
-    if not transitions.move_task(
-        session,
-        task.id,
-        TaskStatus.CREATED,
-        TaskStatus.OPEN,
-        now=now,
-        started_at=now,
-        round_deadline_seconds=deadline,
-    ):
-        raise errors.Conflict(f"task {pop}/{task_id} changed state concurrently")
-    session.refresh(task)
-    if opened.initial_state is not None:
-        data = checkpoints.encode_client_checkpoint(opened.initial_state.weights)
-        blobs.put(blob_paths.client_checkpoint_blob(pop, task_id, 0), data, gzip=True)
-        start_round(
-            session,
-            task,
-            iteration_id=1,
-            attempt=0,
-            base_result_id=0,
-            checkpoint_sha256=hashlib.sha256(data).hexdigest(),
-            now=now,
-        )
-    else:
-        maybe_start_eval_round(session=session, blobs=blobs, task=task, now=now)
-    return task
-
-
 def end_task(
     session: Session, task: Task, status: TaskStatus, *, now: dt.datetime, reason: str
 ) -> bool:
@@ -154,80 +89,9 @@ def end_task(
     return changed
 
 
-def _eval_selector_size(task: Task) -> int:
-    info = json.loads(task.info_json)
-    selector = info.get("evaluationInfo", {}).get("checkPointSelector", {})
-    size = int(selector.get("iterationSelector", {}).get("size", 1) or 1)
-    return max(size, 1)
-
-
-def maybe_start_eval_round(
-    *, session: Session, blobs: BlobStore, task: Task, now: dt.datetime
-) -> Round | None:
-    """Starts the next eval round when the training task has a new result to evaluate.
-
-    Completes the eval task when it ran `total_iteration` rounds, or when its training task
-    ended and every result worth evaluating was evaluated.
-    """
-    if task.status != TaskStatus.OPEN or task.training_task_pk is None:
-        return None
-    active = session.scalar(
-        select(func.count())
-        .select_from(Round)
-        .where(Round.task_pk == task.id, Round.status.in_(ACTIVE_ROUND_STATUSES))
-    )
-    if active:
-        return None
-    if task.completed_iterations >= task.total_iteration:
-        end_task(session, task, TaskStatus.COMPLETED, now=now, reason="all rounds completed")
-        return None
-    training = session.get(Task, task.training_task_pk)
-    if training is None or training.started_at is None:
-        return None  # the training task has not published result 0 yet
-    last = session.scalar(
-        select(func.max(Round.evaluated_result_id)).where(
-            Round.task_pk == task.id, Round.status == RoundStatus.COMPLETED
-        )
-    )
-    latest = training.completed_iterations
-    if last is not None and latest - last < _eval_selector_size(task):
-        if training.status in _TERMINAL_TASK:
-            end_task(
-                session,
-                task,
-                TaskStatus.COMPLETED,
-                now=now,
-                reason="training task ended; its results were evaluated",
-            )
-        return None
-    source = blob_paths.client_checkpoint_blob(training.population_name, training.task_id, latest)
-    try:
-        data = blobs.get(source)
-    except BlobNotFound:
-        _LOG.warning("eval task %s waits: %s is missing", task.task_id, source)
-        return None
-    iteration = task.completed_iterations + 1
-    blobs.put(
-        blob_paths.client_checkpoint_blob(task.population_name, task.task_id, iteration),
-        data,
-        gzip=True,
-    )
-    return start_round(
-        session,
-        task,
-        iteration_id=iteration,
-        attempt=0,
-        base_result_id=iteration,
-        evaluated_result_id=latest,
-        checkpoint_sha256=hashlib.sha256(data).hexdigest(),
-        now=now,
-    )
-
-
 def advance_after_close(
     *,
     session: Session,
-    blobs: BlobStore,
     task: Task,
     rnd: Round,
     now: dt.datetime,
@@ -237,8 +101,7 @@ def advance_after_close(
     """After round N COMPLETED: start round N+1, or end the task (rounds done / DP budget)."""
     task.completed_iterations = rnd.iteration_id
     if task.kind == TaskKind.EVALUATION:
-        maybe_start_eval_round(session=session, blobs=blobs, task=task, now=now)
-        return
+        return  # the next eval round waits for a new training result (`eval_rounds`)
     if rnd.iteration_id >= task.total_iteration:
         end_task(session, task, TaskStatus.COMPLETED, now=now, reason="all rounds completed")
     elif budget_exhausted:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from fcp_server import errors
 from fcp_server.protos import task_pb2
-from fcp_server.services import blob_paths
+from fcp_server.services import blob_paths, eval_selection
 from fcp_server.storage import transitions
 from fcp_server.storage.models import (
     ACTIVE_ROUND_STATUSES,
@@ -83,6 +83,13 @@ def _validate(task: task_pb2.Task, what: str) -> None:
         raise errors.BadRequest(f"{what}.min_client_version is above max_client_version")
     if not 0 <= task.info.traffic_weight <= MAX_TRAFFIC_WEIGHT:
         raise errors.BadRequest(f"{what}.info.traffic_weight must be in 0..{MAX_TRAFFIC_WEIGHT}")
+    if _kind(task) == TaskKind.EVALUATION:
+        try:
+            eval_selection.selector_from_info(task.info)
+        except ValueError as e:
+            raise errors.BadRequest(
+                f"{what}.info.evaluation_info.check_point_selector is invalid: {e}"
+            ) from e
 
 
 def _new_row(pop: str, task_id: int, task: task_pb2.Task, now: dt.datetime) -> Task:

@@ -189,3 +189,16 @@ def count_report(session: Session, round_pk: int) -> bool:
         .values(reported_count=Round.reported_count + 1)
     )
     return _rowcount(session, stmt) == 1
+
+
+def claim_iteration(session: Session, task_pk: int, iteration_id: int) -> bool:
+    """Moves a task's current iteration up to `iteration_id`; False if it already got there.
+
+    The compare-and-swap that lets exactly one process start an eval task's next round.
+    """
+    stmt = (
+        update(Task)
+        .where(Task.id == task_pk, Task.current_iteration < iteration_id)
+        .values(current_iteration=iteration_id)
+    )
+    return _rowcount(session, stmt) == 1

@@ -5,7 +5,7 @@ import hashlib
 
 from sqlalchemy import select
 
-from fcp_server.protos import common_pb2, plan_pb2, task_assignments_pb2
+from fcp_server.protos import common_pb2, task_assignments_pb2
 from fcp_server.services import auth
 from fcp_server.storage.models import Assignment, AssignmentStatus, DeviceToken, Round
 from tests.integration.server import testkit
@@ -76,30 +76,6 @@ def test_full_round_answers_no_task_available_and_a_failure_frees_the_slot(api):
 def test_zero_weight_is_never_chosen_and_all_zero_is_no_active_task(api):
     api.open_training(testkit.training_task(weight=0))
     assert _rejected(api)[0] == Reason.NO_ACTIVE_TASK_EXISTS
-
-
-def test_weighted_choice_between_training_and_eval(api, worker):
-    created = api.created(
-        testkit.training_task(report_goal=50, max_size=100, weight=0),
-        testkit.eval_task(report_goal=50, weight=10),
-    )
-    api.upload_artifacts(
-        created.task,
-        testkit.server_plan(report_goal=50),
-        testkit.client_plan(),
-        testkit.initial_checkpoint(),
-    )
-    api.upload_artifacts(
-        created.eval_task,
-        testkit.server_plan(report_goal=50, kind=plan_pb2.PlanKind.EVALUATION),
-        testkit.client_plan(plan_pb2.PlanKind.EVALUATION),
-        None,
-    )
-    assert api.task_call(POP, 1, "open").status_code == 200
-    assert api.task_call(POP, 2, "open").status_code == 200
-
-    chosen = {api.assign().proto.task_id for _ in range(20)}
-    assert chosen == {"2"}  # training has weight 0: every device goes to eval
 
 
 def test_report_completed_gives_an_upload_instruction(api, ctx):

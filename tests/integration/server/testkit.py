@@ -58,11 +58,15 @@ def server_plan(
     population_size: int = 0,
     deadline_seconds: int = 0,
     learning_rate: float = 1.0,
+    algorithm: int = task_builder_pb2.LearningAlgo.FED_AVG,
+    num_rounds: int = 2,
+    **aggregation,
 ) -> plan_pb2.ServerPlan:
+    """A server plan; `aggregation` sets further AggregationSpec fields (adaptive, tree)."""
     return plan_pb2.ServerPlan(
         kind=kind,
         model=model_spec(),
-        algorithm=task_builder_pb2.LearningAlgo.FED_AVG,
+        algorithm=algorithm,
         server_optimizer=plan_pb2.OptimizerSpec(
             type=task_builder_pb2.Optimizer.SGD, learning_rate=learning_rate
         ),
@@ -74,21 +78,33 @@ def server_plan(
             dp_target_epsilon=target_epsilon,
             population_size=population_size,
             clients_per_round=report_goal,
+            **aggregation,
         ),
         metrics=[loss_metric()],
-        num_rounds=2,
+        num_rounds=num_rounds,
         report_goal=report_goal,
         round_deadline_seconds=deadline_seconds,
     )
 
 
-def client_plan(kind: int = plan_pb2.PlanKind.TRAINING) -> plan_pb2.ClientOnlyPlan:
-    return plan_pb2.ClientOnlyPlan(
+def eval_plan(report_goal: int = 1) -> plan_pb2.ServerPlan:
+    return server_plan(report_goal=report_goal, kind=plan_pb2.PlanKind.EVALUATION)
+
+
+def client_plan(
+    kind: int = plan_pb2.PlanKind.TRAINING,
+    algorithm: int = task_builder_pb2.LearningAlgo.FED_AVG,
+) -> plan_pb2.ClientOnlyPlan:
+    plan = plan_pb2.ClientOnlyPlan(
         kind=kind,
         tflite_model=b"not-a-real-tflite",
         model=model_spec(),
         metrics=[loss_metric()],
+        algorithm=algorithm,
     )
+    if algorithm == task_builder_pb2.LearningAlgo.FED_SGD:
+        plan.gradient_signature = "gradient"
+    return plan
 
 
 def initial_weights() -> tuple[np.ndarray, np.ndarray]:
@@ -146,15 +162,36 @@ def training_task(
     return task
 
 
-def eval_task(*, report_goal: int = 2, rounds: int = 2, weight: int = 25) -> task_pb2.Task:
+def eval_task(
+    *,
+    report_goal: int = 2,
+    rounds: int = 2,
+    weight: int = 25,
+    max_size: int | None = None,
+    every_rounds: int = 1,
+    every_hours: int = 0,
+    training_task_id: int = 0,
+) -> task_pb2.Task:
     task = task_pb2.Task(
         total_iteration=rounds,
         min_aggregation_size=report_goal,
-        max_aggregation_size=report_goal,
+        max_aggregation_size=max_size if max_size is not None else report_goal,
     )
     task.info.traffic_weight = weight
-    task.info.evaluation_info.check_point_selector.iteration_selector.size = 1
+    info = task.info.evaluation_info
+    info.training_task_id = training_task_id  # set by the server for a linked eval task
+    if every_hours:
+        info.check_point_selector.duration_selector.hours = every_hours
+    else:
+        info.check_point_selector.iteration_selector.size = every_rounds
     return task
+
+
+def reference_eval_weight(evaluation_traffic: float) -> int:
+    """The eval task's traffic weight next to training's 100 (ODP task builder, ref. 1.11)."""
+    if evaluation_traffic == 1.0:
+        return 10_000
+    return int(evaluation_traffic * 100 / (1 - evaluation_traffic))
 
 
 @dataclass
@@ -244,6 +281,35 @@ class Api:
         assert resp.status_code == 200, resp.get_data(as_text=True)
         return task_pb2.GetTaskByIdResponse.FromString(resp.data).task
 
+    def open_training_and_eval(
+        self,
+        train: task_pb2.Task,
+        evaluation: task_pb2.Task,
+        plan: plan_pb2.ServerPlan | None = None,
+        pop: str = POP,
+    ) -> task_pb2.CreateTaskResponse:
+        """TRAINING_AND_EVAL: creates the linked pair, uploads both builds, opens both."""
+        created = self.created(train, evaluation, pop)
+        self.upload_artifacts(
+            created.task,
+            plan or server_plan(report_goal=train.min_aggregation_size),
+            client_plan(),
+            initial_checkpoint(),
+        )
+        self.upload_eval_artifacts(created.eval_task)
+        for task in (created.task, created.eval_task):
+            resp = self.task_call(pop, task.task_id, "open")
+            assert resp.status_code == 200, resp.get_data(as_text=True)
+        return created
+
+    def upload_eval_artifacts(self, task: task_pb2.Task) -> None:
+        self.upload_artifacts(
+            task,
+            eval_plan(task.min_aggregation_size),
+            client_plan(plan_pb2.PlanKind.EVALUATION),
+            None,
+        )
+
     # Devices.
     def checkin(self, pop: str = POP, version: str = "100", gzip_ok: bool = True):
         req = task_assignments_pb2.CreateTaskAssignmentRequest()
@@ -299,6 +365,19 @@ class Api:
         if compress or raw is not None:
             headers["Content-Encoding"] = "gzip"
         return self.client.put(location, data=body, headers=headers)
+
+    def contribute_to(self, task_id: int, data: bytes, pop: str = POP) -> Assignment:
+        """Contributes to one task: devices assigned elsewhere report NOT_ELIGIBLE (slot freed)."""
+        for _ in range(200):
+            a = self.assign(pop)
+            if a.proto.task_id == str(task_id):
+                resp, answer = self.report(a)
+                assert resp.status_code == 200 and answer.HasField("upload_instruction"), answer
+                up = self.upload(answer.upload_instruction.upload_location, data)
+                assert up.status_code == 204, up.get_data(as_text=True)
+                return a
+            self.report(a, task_assignments_pb2.ReportResultRequest.NOT_ELIGIBLE)
+        raise AssertionError(f"no check-in was assigned to task {task_id}")
 
     def contribute(self, data: bytes | None = None, pop: str = POP) -> Assignment:
         """Check-in, report COMPLETED and upload; asserts each step succeeded."""

@@ -47,3 +47,27 @@ def test_versions_are_compared_numerically():
     for bad in ("", "1.0", "-1", "v1", "1" * 19):
         with pytest.raises(errors.BadRequest):
             checkin.parse_client_version(bad)
+
+
+def _reference_eval_weight(evaluation_traffic: float) -> int:
+    # ODP task builder (reference 1.11): next to training's weight 100.
+    if evaluation_traffic == 1.0:
+        return 10_000
+    return int(evaluation_traffic * 100 / (1 - evaluation_traffic))
+
+
+@pytest.mark.parametrize(
+    ("evaluation_traffic", "expected_share"),
+    [(0.2, 0.2), (0.5, 0.5), (0.05, 5 / 105), (1.0, 10_000 / 10_100), (0.0, 0.0)],
+)
+def test_eval_share_of_check_ins_follows_evaluation_traffic(evaluation_traffic, expected_share):
+    # Arrange: a training round (weight 100) and an eval round, as the check-in sees them.
+    rng = np.random.default_rng(3)
+    weights = [100, _reference_eval_weight(evaluation_traffic)]
+
+    # Act
+    draws = np.array([checkin.draw_weighted(weights, rng) for _ in range(100_000)])
+
+    # Assert: P(eval) = w / (100 + w) = evaluation_traffic (binomial sd <= 0.0016).
+    assert np.mean(draws == 1) == pytest.approx(expected_share, abs=0.006)
+    assert abs(expected_share - evaluation_traffic) < 0.011  # int() truncation of the weight
