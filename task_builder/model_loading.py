@@ -25,37 +25,42 @@ _MAX_DOWNLOAD_BYTES = 2 * 1024**3
 _MAX_DOWNLOAD_FILES = 10_000
 
 
-def _split_gcs_uri(uri: str) -> tuple[str, str]:
-    bucket, _, prefix = uri[len(_GCS_PREFIX) :].partition("/")
-    if not bucket:
-        raise ModelLoadError(f"Invalid saved model URI {uri!r}: no bucket")
-    return bucket, prefix.strip("/")
-
-
 def download_gcs_dir(uri: str, dest: pathlib.Path) -> int:
     """Copies every object under a gs:// prefix into dest; returns the number of files.
+
+    Reads through the project's blob store, so the same code serves real GCS and the
+    emulator (STORAGE_EMULATOR_HOST).
 
     Raises:
         ModelLoadError: Nothing is stored under the prefix, or it is too large.
     """
-    from google.cloud import storage  # Only the gs:// path needs the GCS client.
+    from fcp_server.storage import blobs
 
-    bucket_name, prefix = _split_gcs_uri(uri)
-    client = storage.Client()
+    if not uri[len(_GCS_PREFIX) :].partition("/")[0]:
+        raise ModelLoadError(f"Invalid saved model URI {uri!r}: no bucket")
+    try:
+        store = blobs.make_blob_store(uri.rstrip("/"))
+    except blobs.BlobStoreError as e:
+        raise ModelLoadError(f"Invalid saved model URI {uri!r}: {e}") from e
     count, total = 0, 0
-    for blob in client.list_blobs(bucket_name, prefix=f"{prefix}/" if prefix else None):
-        relative = blob.name[len(prefix) :].lstrip("/") if prefix else blob.name
-        if not relative or relative.endswith("/"):
-            continue  # directory placeholder objects
-        target = (dest / relative).resolve()
-        if dest.resolve() not in target.parents:
-            raise ModelLoadError(f"object {blob.name!r} escapes the model directory")
-        count += 1
-        total += blob.size or 0
-        if count > _MAX_DOWNLOAD_FILES or total > _MAX_DOWNLOAD_BYTES:
-            raise ModelLoadError(f"saved model under {uri} is too large to load")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        blob.download_to_filename(str(target))
+    try:
+        for name in store.list(""):
+            target = (dest / name).resolve()
+            if dest.resolve() not in target.parents:
+                raise ModelLoadError(f"object {name!r} escapes the model directory")
+            count += 1
+            if count > _MAX_DOWNLOAD_FILES:
+                raise ModelLoadError(f"saved model under {uri} is too large to load")
+            data = store.get(name, max_bytes=_MAX_DOWNLOAD_BYTES - total)
+            total += len(data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    except blobs.BlobTooLarge as e:
+        raise ModelLoadError(f"saved model under {uri} is too large to load") from e
+    except blobs.BlobStoreError as e:
+        raise ModelLoadError(f"Cannot read the saved model under {uri}: {e}") from e
+    finally:
+        store.close()
     if count == 0:
         raise ModelLoadError(f"No saved model found under {uri}")
     return count
@@ -113,14 +118,8 @@ def load_model(uri: str) -> tff.learning.models.FunctionalModel:
         raise ModelLoadError("`saved_model` URI is required but not set.")
     if not uri.startswith(_GCS_PREFIX):
         return load_local(uri)
-    _split_gcs_uri(uri)  # fail fast on a malformed URI, before importing the GCS client
-    from google.api_core import exceptions as gcs_errors
-
     with tempfile.TemporaryDirectory(prefix="fcp-model-") as tmp:
-        try:
-            count = download_gcs_dir(uri, pathlib.Path(tmp))
-        except gcs_errors.GoogleAPIError as e:
-            raise ModelLoadError(f"Cannot download the saved model from {uri}: {e}") from e
+        count = download_gcs_dir(uri, pathlib.Path(tmp))
         _LOG.info("downloaded %d files of %s", count, uri)
         # Loading reads the variables into memory, so the directory may go afterwards.
         return load_local(tmp)

@@ -1,5 +1,7 @@
 # Fixtures are imported from saved_examples, so pytest's argument injection reads as F811.
 # ruff: noqa: F811
+import uuid
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ pytest.importorskip("tensorflow_federated")
 
 import tensorflow as tf
 
+from fcp_server.storage import blobs
 from task_builder import model_loading
 from task_builder.errors import ModelLoadError
 from task_builder.examples import models
@@ -54,3 +57,26 @@ def test_plain_saved_model_is_not_a_functional_model(tmp_path):
 def test_gcs_uri_without_bucket_is_rejected():
     with pytest.raises(ModelLoadError, match="no bucket"):
         model_loading.load_model("gs:///model")
+
+
+@pytest.mark.gcs
+def test_model_saved_in_gcs_loads_like_the_local_copy(saved_dir, gcs_emulator, monkeypatch):
+    # Upload the real saved model directory to the GCS emulator, then load it by gs:// URI.
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.host)
+    uri = f"gs://{gcs_emulator.bucket}/m-{uuid.uuid4().hex}/digits"
+    store = blobs.make_blob_store(uri)
+    local = saved_dir / "digits_cnn"
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        store.put(path.relative_to(local).as_posix(), path.read_bytes())
+    store.close()
+    loaded = model_loading.load_model(uri)
+    expected = model_loading.load_model(str(local))
+    for a, b in zip(loaded.initial_weights[0], expected.initial_weights[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gcs
+def test_missing_gcs_model_is_a_model_load_error(gcs_emulator, monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.host)
+    with pytest.raises(ModelLoadError, match="No saved model found"):
+        model_loading.load_model(f"gs://{gcs_emulator.bucket}/m-{uuid.uuid4().hex}/none")
