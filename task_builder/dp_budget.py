@@ -7,72 +7,47 @@ section 1.7; tff-dp-flex-facts.md section 3) with Google's dp_accounting 0.4.3:
     under the PLD accountant;
   * tree types (DP-FTRL, Kairouz et al. 2021, arXiv 2103.00039):
     SingleEpochTreeAggregation(z, [rounds]) under RDP with REPLACE_SPECIAL neighbours.
-The functions of (dp_type, z, report_goal, population_size, rounds, delta) are pure and import
-neither TensorFlow nor the builder, so the server can reuse them for run-time accounting.
+The events, accountants and noise search are `fcp_server.accounting`'s, the same code the server
+runs after every round, so the build-time check and the run-time epsilon cannot disagree.
 Adaptive clipping spends no extra epsilon here because TFF's `noise_multiplier` is the effective
 total of the value and clipped-count noise.
 """
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
-import dp_accounting
-from dp_accounting import pld, rdp
-
+from fcp_server import accounting
 from fcp_server.protos import task_builder_pb2
 from task_builder import config_defaults as d
 from task_builder.errors import DpBudgetError
 
-PLD = "PLD"
-RDP = "RDP"
-# Relative tolerance of the calibrated multiplier: epsilon then lands within ~0.1% of target.
-_CALIBRATION_RTOL = 1e-4
-# A coarser PLD grid for the search only (pessimistic, so it never undershoots epsilon); the
-# reported epsilon is always recomputed with the default accountant, as the reference does.
-_SEARCH_DISCRETIZATION = 1e-3
-_MAX_BRACKET_STEPS = 40
+PLD = accounting.PLD
+RDP = accounting.RDP
+accountant_name = accounting.accountant_name
 
 
-def accountant_name(dp_type: int) -> str:
-    """Returns "RDP" for the tree aggregators and "PLD" for the Gaussian ones."""
-    return RDP if dp_type in d.TREE_DP_TYPES else PLD
-
-
-def _check_args(report_goal: int, population_size: int, rounds: int) -> None:
+def _setup(
+    dp_type: int,
+    noise_multiplier: float,
+    report_goal: int,
+    population_size: int,
+    rounds: int,
+    delta: float = accounting.DEFAULT_DELTA,
+) -> accounting.DpSetup:
+    # The build always accounts a positive number of rounds; the server's accounting (shared
+    # here so build time and run time can never disagree) also accepts 0.
     if rounds <= 0:
         raise ValueError(f"rounds must be positive, got {rounds}")
-    if not 0 < report_goal <= population_size:
-        raise ValueError(
-            f"need 0 < report_goal <= population_size, got {report_goal} and {population_size}"
-        )
+    return accounting.DpSetup(dp_type, noise_multiplier, report_goal, population_size, delta)
 
 
 def make_dp_event(
     dp_type: int, noise_multiplier: float, report_goal: int, population_size: int, rounds: int
 ) -> Any:
     """Returns the dp_accounting event of `rounds` rounds of the given aggregator."""
-    _check_args(report_goal, population_size, rounds)
-    if dp_type in d.TREE_DP_TYPES:
-        # The tree bound needs each device at most once per run; report_goal does not enter.
-        return dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, [rounds])
-    q = report_goal / population_size
-    return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)),
-        rounds,
-    )
-
-
-def make_accountant(dp_type: int, *, discretization: float | None = None) -> Any:
-    """Returns a fresh accountant for the aggregator type (PLD default grid unless given)."""
-    if dp_type in d.TREE_DP_TYPES:
-        return rdp.RdpAccountant(
-            neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL
-        )
-    if discretization is None:
-        return pld.PLDAccountant()
-    return pld.PLDAccountant(value_discretization_interval=discretization)
+    setup = _setup(dp_type, noise_multiplier, report_goal, population_size, rounds)
+    return accounting.make_dp_event(setup, rounds)
 
 
 def compute_epsilon(
@@ -84,13 +59,8 @@ def compute_epsilon(
     delta: float,
 ) -> float:
     """Returns the epsilon spent at `delta` by `rounds` rounds (inf when the multiplier is 0)."""
-    if noise_multiplier <= 0:
-        return math.inf
-    accountant = make_accountant(dp_type)
-    accountant.compose(
-        make_dp_event(dp_type, noise_multiplier, report_goal, population_size, rounds)
-    )
-    return float(accountant.get_epsilon(delta))
+    setup = _setup(dp_type, noise_multiplier, report_goal, population_size, rounds, delta)
+    return accounting.epsilon_spent(setup, rounds)
 
 
 def calibrate_noise_multiplier(
@@ -103,79 +73,11 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Returns the smallest noise multiplier whose epsilon at `delta` is at most the target.
 
-    Uses dp_accounting.calibrate_dp_mechanism. For the Gaussian types the search is bracketed by
-    the (looser, fast) RDP answer and run on a coarse PLD grid; the result is then checked with
-    the default PLD accountant so that `compute_epsilon` of it never exceeds the target.
+    The search is `fcp_server.accounting.calibrate_noise`; `compute_epsilon` of the answer
+    never exceeds the target.
     """
-    return _calibrate(dp_type, target_epsilon, report_goal, population_size, rounds, delta)[0]
-
-
-def _calibrate(
-    dp_type: int,
-    target_epsilon: float,
-    report_goal: int,
-    population_size: int,
-    rounds: int,
-    delta: float,
-) -> tuple[float, float]:
-    """Returns (noise multiplier, its epsilon by `compute_epsilon`)."""
-    if target_epsilon <= 0:
-        raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
-    _check_args(report_goal, population_size, rounds)
-
-    def event(z: float) -> Any:
-        return make_dp_event(dp_type, z, report_goal, population_size, rounds)
-
-    def epsilon(z: float) -> float:
-        return compute_epsilon(dp_type, z, report_goal, population_size, rounds, delta)
-
-    if dp_type in d.TREE_DP_TYPES:
-        z = float(
-            dp_accounting.calibrate_dp_mechanism(
-                lambda: make_accountant(dp_type), event, target_epsilon, delta
-            )
-        )
-        return z, epsilon(z)
-    upper = float(
-        dp_accounting.calibrate_dp_mechanism(rdp.RdpAccountant, event, target_epsilon, delta)
-    )
-    coarse = lambda: make_accountant(dp_type, discretization=_SEARCH_DISCRETIZATION)  # noqa: E731
-    lower = _lower_bracket(coarse, event, upper, target_epsilon, delta)
-    z = float(
-        dp_accounting.calibrate_dp_mechanism(
-            coarse,
-            event,
-            target_epsilon,
-            delta,
-            bracket_interval=dp_accounting.ExplicitBracketInterval(lower, upper),
-            tol=upper * _CALIBRATION_RTOL,
-        )
-    )
-    # The coarse grid is pessimistic, so the default one should agree; make sure it does.
-    for _ in range(_MAX_BRACKET_STEPS):
-        eps = epsilon(z)
-        if eps <= target_epsilon:
-            return z, eps
-        z *= 1 + _CALIBRATION_RTOL
-    raise ArithmeticError(f"noise calibration did not converge for epsilon {target_epsilon}")
-
-
-def _lower_bracket(
-    make_acc: Callable[[], Any],
-    event: Callable[[float], Any],
-    upper: float,
-    target_epsilon: float,
-    delta: float,
-) -> float:
-    # Walk down from the RDP multiplier until epsilon exceeds the target (PLD is tighter).
-    z = upper
-    for _ in range(_MAX_BRACKET_STEPS):
-        z *= 0.7
-        accountant = make_acc()
-        accountant.compose(event(z))
-        if accountant.get_epsilon(delta) > target_epsilon:
-            return z
-    raise ArithmeticError(f"no noise multiplier below {upper} exceeds epsilon {target_epsilon}")
+    setup = _setup(dp_type, 1.0, report_goal, population_size, rounds, delta)
+    return accounting.calibrate_noise(setup, target_epsilon, rounds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +112,8 @@ def account(config: task_builder_pb2.TaskConfig, *, skip_dp_aggregator: bool) ->
     args = (goal, dp.population_size, rounds, release.dp_delta)
     calibrate = not skip_dp_aggregator and dp.noise_multiplier == 0
     if calibrate:
-        z, epsilon = _calibrate(dp.type, release.dp_target_epsilon, *args)
+        z = calibrate_noise_multiplier(dp.type, release.dp_target_epsilon, *args)
+        epsilon = compute_epsilon(dp.type, z, *args)
     else:
         z = dp.noise_multiplier
         epsilon = math.inf if skip_dp_aggregator else compute_epsilon(dp.type, z, *args)
