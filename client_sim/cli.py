@@ -40,6 +40,19 @@ def _positive(text: str) -> float:
     return value
 
 
+# `--eval-rounds all`: wait until the eval task ended (it evaluated the final training result).
+EVAL_UNTIL_END = -1
+
+
+def _eval_rounds(text: str) -> int:
+    if text == "all":
+        return EVAL_UNTIL_END
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0 or 'all'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     d = DeviceKnobs()
@@ -52,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     stop = p.add_mutually_exclusive_group(required=True)
     stop.add_argument("--rounds", type=int, help="stop when the training task completed N rounds")
     stop.add_argument("--duration", type=_positive, help="stop after this many real seconds")
-    p.add_argument("--eval-rounds", type=int, default=0, help="with --rounds: also wait for M")
+    p.add_argument(
+        "--eval-rounds",
+        type=_eval_rounds,
+        default=0,
+        help="with --rounds: also wait for M eval rounds, or 'all': until the eval task ended",
+    )
     p.add_argument("--max-duration", type=_positive, default=3600.0, help="safety stop (s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="digits", help="digits | tfrecord:DIR | emnist:DIR")
@@ -124,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     transport = httpx.HTTPTransport(retries=0, limits=httpx.Limits(max_connections=64))
     watcher = httpx.Client(base_url=args.server, timeout=30.0)
-    goal = rounds.RoundGoal(args.rounds, args.eval_rounds) if args.rounds is not None else None
+    goal = None
+    if args.rounds is not None:
+        until_end = args.eval_rounds == EVAL_UNTIL_END
+        goal = rounds.RoundGoal(args.rounds, 0 if until_end else args.eval_rounds, until_end)
     watch = _Watch()
 
     def until() -> bool:

@@ -59,10 +59,15 @@ def list_tasks(
 
 @dataclass(frozen=True)
 class RoundGoal:
-    """Stop once the training task completed `rounds` and the eval task `eval_rounds`."""
+    """Stop once the training task completed `rounds` and the eval task `eval_rounds`.
+
+    With `eval_until_end` the eval task must have ended instead: the server ends it after it
+    evaluated the training task's final result.
+    """
 
     rounds: int
     eval_rounds: int = 0
+    eval_until_end: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.eval_rounds < 0:
@@ -77,6 +82,8 @@ class RoundGoal:
         if not main:
             return False
         checks = [(main[-1], self.rounds)]
+        if extra and self.eval_until_end:
+            return main[-1].status in _TERMINAL and extra[-1].status in _TERMINAL
         if extra and self.eval_rounds:
             checks.append((extra[-1], self.eval_rounds))
         return all(t.completed_iterations >= n or t.status in _TERMINAL for t, n in checks)

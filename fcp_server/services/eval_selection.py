@@ -17,6 +17,10 @@ running is not revisited. The choice is stored in `Round.evaluated_result_id` an
 `server/eval/training_round`. Only COMPLETED training results (>= 1) are candidates, as in the
 reference: the initial checkpoint is not evaluated.
 
+Second deliberate difference: once the training task has COMPLETED, its final result is a
+candidate too, whatever its bucket, so the released model always gets evaluated (with
+every_5_round and 50 rounds the reference would stop at result 46).
+
 Training rounds complete one after the other, so completion times grow with the result id
 and the first result of the newest bucket is one MIN query away.
 """
@@ -29,7 +33,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from fcp_server.protos import task_pb2
-from fcp_server.storage.models import Round, RoundStatus, Task
+from fcp_server.storage.models import Round, RoundStatus, Task, TaskStatus
 
 # A selector wider than this is surely a mistake (ten years of hours / a million rounds).
 MAX_SELECTOR_HOURS = 24 * 366 * 10
@@ -127,7 +131,8 @@ def select_training_result(
         last_evaluated: The newest result an eval round of this task already evaluated.
 
     Returns:
-        The newest candidate result above `last_evaluated`, or None when there is none yet.
+        The newest candidate result above `last_evaluated` (the final result once training
+        has COMPLETED), or None when there is none yet.
     """
     if training.completed_iterations < 1:
         return None
@@ -135,6 +140,8 @@ def select_training_result(
         candidate = first_of_newest_round_bucket(training.completed_iterations, selector.rounds)
     else:
         candidate = _first_of_newest_hour_bucket(session, training, selector.hours)
+    if training.status == TaskStatus.COMPLETED:
+        candidate = training.completed_iterations  # the released model (see module docstring)
     if candidate is None or (last_evaluated is not None and candidate <= last_evaluated):
         return None
     return candidate

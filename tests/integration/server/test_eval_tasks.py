@@ -93,12 +93,30 @@ def test_every_k_hours_evaluates_the_first_round_of_the_newest_window(api, blobs
     _train_round(api, worker, 0.5)  # 03:20, window 3
     clock.advance(10 * 60)
     _train_round(api, worker, 0.6)  # 03:30, window 3; training COMPLETED
-    _eval_round(api, worker)  # evaluates 3; next is 5
-    _eval_round(api, worker)  # evaluates 5
+    _eval_round(api, worker)  # evaluates 3; training COMPLETED, so its final result 6 is next
+    _eval_round(api, worker)  # evaluates 6 (not 5: the released model is what matters)
 
     evaluated = [_eval_metrics(blobs, n)["server/eval/training_round"] for n in (1, 2, 3)]
-    assert evaluated == [1.0, 3.0, 5.0]
+    assert evaluated == [1.0, 3.0, 6.0]
     assert all(_same_model(blobs, n, int(r)) for n, r in zip((1, 2, 3), evaluated, strict=True))
+    assert api.get_task(2).status == task_pb2.TaskStatus.COMPLETED
+
+
+def test_the_final_training_result_is_evaluated_even_off_the_selector_grid(api, blobs, worker):
+    # every_2_round over 4 rounds: the reference's candidates are 1 and 3 only.
+    api.open_training_and_eval(
+        testkit.training_task(report_goal=1, rounds=4),
+        testkit.eval_task(report_goal=1, rounds=10, every_rounds=2),
+    )
+    for step in (0.1, 0.2, 0.3, 0.4):
+        _train_round(api, worker, step)
+    assert api.get_task(1).status == task_pb2.TaskStatus.COMPLETED
+    _eval_round(api, worker)  # evaluates 1 (started when round 1 closed)
+    _eval_round(api, worker)  # evaluates the final result 4, not the candidate 3
+
+    evaluated = [_eval_metrics(blobs, n)["server/eval/training_round"] for n in (1, 2)]
+    assert evaluated == [1.0, 4.0]
+    assert _same_model(blobs, 2, 4)
     assert api.get_task(2).status == task_pb2.TaskStatus.COMPLETED
 
 
