@@ -4,7 +4,10 @@ ODP's task builder (`metrics_utils.py`) accepts 20 Keras metric names and always
 metric weighted by the number of examples (TFF `model_from_functional`: state
 `[loss * num_examples, num_examples]`). Devices report each metric's *state* (sums that add up
 across batches and devices); the server sums them and applies the `MetricSpec.Finalizer`, the
-same sum-then-finalize TFF uses (`tff.learning.metrics.sum_then_finalize`).
+same sum-then-finalize TFF uses (`tff.learning.metrics.sum_then_finalize`). Each spec also
+bounds what one device may report: `max_state_per_example` for counts, and `value_range` for
+what a mean averages (accuracies in [0, 1], crossentropies and errors >= 0), which the server
+enforces on each device's numerator before summing.
 """
 
 import collections
@@ -20,6 +23,7 @@ from fcp_server.protos import plan_pb2
 LOSS_METRIC = "loss"
 
 _Finalizer = plan_pb2.MetricSpec.Finalizer
+_Range = plan_pb2.MetricSpec.ValueRange
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,8 @@ class MetricKind:
     state_order: tuple[int, ...] = (0, 1)
     # True when every state element grows by at most one per prediction element.
     bounded: bool = False
+    # What a RATIO / SQRT_RATIO averages; the server bounds each device's numerator by it.
+    value_range: int = _Range.VALUE_RANGE_UNSPECIFIED
 
 
 def _mean_of_predictions() -> tf.keras.metrics.Metric:
@@ -44,71 +50,98 @@ def _mean_of_predictions() -> tf.keras.metrics.Metric:
 
 _K = tf.keras.metrics
 _AUC_ORDER = (0, 2, 1, 3)
+_UNIT = _Range.UNIT_INTERVAL
+_NON_NEGATIVE = _Range.NON_NEGATIVE
 
 ALLOWLIST: dict[str, MetricKind] = {
     "auc-roc": MetricKind(lambda: _K.AUC(name="auc-roc"), _Finalizer.AUC_ROC, _AUC_ORDER, True),
     "auc-pr": MetricKind(
         lambda: _K.AUC(curve="PR", name="auc-pr"), _Finalizer.AUC_PR, _AUC_ORDER, True
     ),
-    "accuracy": MetricKind(lambda: _K.Accuracy(name="accuracy"), _Finalizer.RATIO, bounded=True),
+    "accuracy": MetricKind(
+        lambda: _K.Accuracy(name="accuracy"), _Finalizer.RATIO, bounded=True, value_range=_UNIT
+    ),
     "binary_accuracy": MetricKind(
-        lambda: _K.BinaryAccuracy(name="binary_accuracy"), _Finalizer.RATIO, bounded=True
+        lambda: _K.BinaryAccuracy(name="binary_accuracy"),
+        _Finalizer.RATIO,
+        bounded=True,
+        value_range=_UNIT,
     ),
     "binary_crossentropy": MetricKind(
-        lambda: _K.BinaryCrossentropy(name="binary_crossentropy"), _Finalizer.RATIO
+        lambda: _K.BinaryCrossentropy(name="binary_crossentropy"),
+        _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "binary_crossentropy_from_logits": MetricKind(
         lambda: _K.BinaryCrossentropy(from_logits=True, name="binary_crossentropy_from_logits"),
         _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "categorical_accuracy": MetricKind(
-        lambda: _K.CategoricalAccuracy(name="categorical_accuracy"), _Finalizer.RATIO, bounded=True
+        lambda: _K.CategoricalAccuracy(name="categorical_accuracy"),
+        _Finalizer.RATIO,
+        bounded=True,
+        value_range=_UNIT,
     ),
     "categorical_crossentropy": MetricKind(
-        lambda: _K.CategoricalCrossentropy(name="categorical_crossentropy"), _Finalizer.RATIO
+        lambda: _K.CategoricalCrossentropy(name="categorical_crossentropy"),
+        _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "categorical_crossentropy_from_logits": MetricKind(
         lambda: _K.CategoricalCrossentropy(
             from_logits=True, name="categorical_crossentropy_from_logits"
         ),
         _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "mean": MetricKind(_mean_of_predictions, _Finalizer.RATIO),
     "mean_absolute_error": MetricKind(
-        lambda: _K.MeanAbsoluteError(name="mean_absolute_error"), _Finalizer.RATIO
+        lambda: _K.MeanAbsoluteError(name="mean_absolute_error"),
+        _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "mean_absolute_percentage_error": MetricKind(
         lambda: _K.MeanAbsolutePercentageError(name="mean_absolute_percentage_error"),
         _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "mean_squared_error": MetricKind(
-        lambda: _K.MeanSquaredError(name="mean_squared_error"), _Finalizer.RATIO
+        lambda: _K.MeanSquaredError(name="mean_squared_error"),
+        _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "mean_squared_logarithmic_error": MetricKind(
         lambda: _K.MeanSquaredLogarithmicError(name="mean_squared_logarithmic_error"),
         _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "precision": MetricKind(
         lambda: _K.Precision(name="precision"), _Finalizer.PRECISION, (0, 1), True
     ),
     "recall": MetricKind(lambda: _K.Recall(name="recall"), _Finalizer.RECALL, (0, 1), True),
     "root_mean_squared_error": MetricKind(
-        lambda: _K.RootMeanSquaredError(name="root_mean_squared_error"), _Finalizer.SQRT_RATIO
+        lambda: _K.RootMeanSquaredError(name="root_mean_squared_error"),
+        _Finalizer.SQRT_RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "sparse_categorical_accuracy": MetricKind(
         lambda: _K.SparseCategoricalAccuracy(name="sparse_categorical_accuracy"),
         _Finalizer.RATIO,
         bounded=True,
+        value_range=_UNIT,
     ),
     "sparse_categorical_crossentropy": MetricKind(
         lambda: _K.SparseCategoricalCrossentropy(name="sparse_categorical_crossentropy"),
         _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
     "sparse_categorical_crossentropy_from_logits": MetricKind(
         lambda: _K.SparseCategoricalCrossentropy(
             from_logits=True, name="sparse_categorical_crossentropy_from_logits"
         ),
         _Finalizer.RATIO,
+        value_range=_NON_NEGATIVE,
     ),
 }
 
@@ -238,6 +271,7 @@ def build_metric_specs(names: Sequence[str], prediction_size: int) -> list[plan_
         else:
             kind = ALLOWLIST[name]
             spec.finalizer = kind.finalizer  # type: ignore[assignment]
+            spec.value_range = kind.value_range  # type: ignore[assignment]
             spec.thresholds.extend(thresholds_of(name))
             if kind.bounded:
                 spec.max_state_per_example = float(prediction_size)

@@ -12,8 +12,15 @@ A metric's state is read as the concatenation of its flattened state tensors in
 is [tp, fp, tn, fn], each with one element per threshold.
 
 Per-device bounds: metric state is not privatised, so each device's contribution is clamped to
-[0, max_state_per_example * num_examples] (a RATIO numerator, a sum that may be negative, to
-[-bound, bound]) before it is summed; `max_state_per_example` = 0 means no upper bound.
+[0, bound] (a RATIO numerator, a sum that may be negative, to [-bound, bound]) before it is
+summed, with bound = min(max_state_per_example * num_examples, MAX_STATE_PER_DEVICE). The
+ceiling is TFF's default secure-sum range for metric values (`secure_sum_then_finalize`,
+upper bound 2**20 - 1) and also applies to metrics with `max_state_per_example` = 0 (losses),
+so one hostile device can move a finalized metric only as far as one bounded state can.
+Two consistency bounds keep a finalized metric inside its range whatever one device reports:
+a RATIO / SQRT_RATIO numerator is kept within `MetricSpec.value_range` times the device's
+count (an accuracy's correct predictions cannot exceed its predictions), and AUC counts are
+projected onto a confusion curve some data could produce (`confusion_curve`).
 """
 
 import math
@@ -26,6 +33,7 @@ from fcp_server.aggregation.state import Tensor
 from fcp_server.protos import plan_pb2
 
 Finalizer = plan_pb2.MetricSpec.Finalizer
+ValueRange = plan_pb2.MetricSpec.ValueRange
 FloatArray = NDArray[np.float64]
 
 # Elements each finalizer reads (AUC: 4 per threshold, checked separately).
@@ -37,6 +45,8 @@ _STATE_SIZES = {
     Finalizer.SUM: 1,
 }
 _AUC = (Finalizer.AUC_ROC, Finalizer.AUC_PR)
+# Largest value any element of one device's metric state (or its num_examples) contributes.
+MAX_STATE_PER_DEVICE = float(2**20 - 1)
 
 
 def flatten_state(state: Sequence[Tensor]) -> FloatArray:
@@ -102,13 +112,51 @@ def clamp_state(spec: plan_pb2.MetricSpec, state: FloatArray, num_examples: int)
     Returns:
         The clamped state (a new array).
     """
-    bound = math.inf
+    bound = MAX_STATE_PER_DEVICE
     if spec.max_state_per_example > 0.0:
-        bound = spec.max_state_per_example * max(num_examples, 0)
+        bound = min(bound, spec.max_state_per_example * max(num_examples, 0))
     lower = np.zeros_like(state)
     if spec.finalizer == Finalizer.RATIO and state.size:
         lower[0] = -bound
-    return np.clip(state, lower, bound)
+    clamped = np.clip(state, lower, bound)
+    if spec.finalizer in _AUC and clamped.size % 4 == 0:
+        return confusion_curve(clamped, bound)
+    if spec.finalizer in (Finalizer.RATIO, Finalizer.SQRT_RATIO) and clamped.size == 2:
+        if spec.value_range == ValueRange.NON_NEGATIVE:
+            clamped[0] = max(clamped[0], 0.0)
+        elif spec.value_range == ValueRange.UNIT_INTERVAL:
+            clamped[0] = min(max(clamped[0], 0.0), clamped[1])
+    return clamped
+
+
+def confusion_curve(state: FloatArray, bound: float) -> FloatArray:
+    """Projects one device's AUC state onto a confusion curve that some data could produce.
+
+    Over Keras' ascending thresholds, real [tp, fp, tn, fn] counts keep the positives tp + fn
+    and the negatives fp + tn constant and never increase tp or fp. A sum of such curves is one,
+    so its AUC is in [0, 1]; a curve that zig-zags across thresholds is not, and could push the
+    trapezoid sum outside [0, 1] by far more than the device's share. Real curves are returned
+    unchanged.
+
+    Args:
+        state: [tp, fp, tn, fn] per threshold, flattened, already clamped to [0, bound].
+        bound: Most positives (and most negatives) the device may have counted.
+
+    Returns:
+        The projected state (a new array).
+    """
+    tp, fp, tn, fn = state.reshape(4, -1)
+    # Totals from the lowest threshold, where every prediction counts as positive.
+    positives = min(tp[0] + fn[0], bound)
+    negatives = min(fp[0] + tn[0], bound)
+    tp = np.minimum.accumulate(np.minimum(tp, positives))
+    fp = np.minimum.accumulate(np.minimum(fp, negatives))
+    return np.concatenate([tp, fp, negatives - fp, positives - tp])
+
+
+def bounded_examples(num_examples: int) -> int:
+    """One device's num_examples as it enters the round's example count: in [0, ceiling]."""
+    return min(max(num_examples, 0), int(MAX_STATE_PER_DEVICE))
 
 
 def divide_no_nan(x: FloatArray | float, y: FloatArray | float) -> FloatArray:

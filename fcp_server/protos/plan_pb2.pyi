@@ -88,7 +88,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, type: _Optional[_Union[_task_builder_pb2.Optimizer.Enum, str]] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., beta_1: _Optional[float] = ..., beta_2: _Optional[float] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class MetricSpec(_message.Message):
-    __slots__ = ("name", "finalizer", "state", "thresholds", "max_state_per_example")
+    __slots__ = ("name", "finalizer", "state", "thresholds", "max_state_per_example", "value_range")
     class Finalizer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FINALIZER_UNSPECIFIED: _ClassVar[MetricSpec.Finalizer]
@@ -107,17 +107,27 @@ class MetricSpec(_message.Message):
     AUC_ROC: MetricSpec.Finalizer
     AUC_PR: MetricSpec.Finalizer
     SUM: MetricSpec.Finalizer
+    class ValueRange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VALUE_RANGE_UNSPECIFIED: _ClassVar[MetricSpec.ValueRange]
+        NON_NEGATIVE: _ClassVar[MetricSpec.ValueRange]
+        UNIT_INTERVAL: _ClassVar[MetricSpec.ValueRange]
+    VALUE_RANGE_UNSPECIFIED: MetricSpec.ValueRange
+    NON_NEGATIVE: MetricSpec.ValueRange
+    UNIT_INTERVAL: MetricSpec.ValueRange
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINALIZER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     MAX_STATE_PER_EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     finalizer: MetricSpec.Finalizer
     state: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     thresholds: _containers.RepeatedScalarFieldContainer[float]
     max_state_per_example: float
-    def __init__(self, name: _Optional[str] = ..., finalizer: _Optional[_Union[MetricSpec.Finalizer, str]] = ..., state: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., thresholds: _Optional[_Iterable[float]] = ..., max_state_per_example: _Optional[float] = ...) -> None: ...
+    value_range: MetricSpec.ValueRange
+    def __init__(self, name: _Optional[str] = ..., finalizer: _Optional[_Union[MetricSpec.Finalizer, str]] = ..., state: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., thresholds: _Optional[_Iterable[float]] = ..., max_state_per_example: _Optional[float] = ..., value_range: _Optional[_Union[MetricSpec.ValueRange, str]] = ...) -> None: ...
 
 class ClientOnlyPlan(_message.Message):
     __slots__ = ("kind", "tflite_model", "data_spec", "model", "algorithm", "client_optimizer", "client_optimizer_state", "metrics", "train_signature", "eval_signature", "gradient_signature", "local_clip_norm", "flex_ops", "min_client_version")

@@ -93,13 +93,15 @@ def test_metric_state_is_summed_with_per_device_bounds():
 def test_negative_and_non_finite_metric_counts_contribute_nothing():
     update = make_update(constant_update(0.0).trainable, num_examples=3)
     metrics = dict(update.metrics)
-    tp = np.array([-5, np.nan, 2, 9, 1], np.float32)
+    # Non-increasing over the thresholds, as real counts are, so that only the element bounds
+    # act (metrics.confusion_curve leaves such a curve alone).
+    tp = np.array([9, 2, -5, np.nan, 0], np.float32)
     metrics["auc"] = (tp, *update.metrics["auc"][1:])
     assert tp.size == NUM_THRESHOLDS
     acc = RoundAccumulator(make_plan())
     acc.add(ClientUpdate(update.trainable, 3, metrics))
-    # -5 -> 0, NaN -> 0, 9 -> 3 (max 1 per example x 3 examples).
-    np.testing.assert_allclose(acc.metric_sums()["auc"][:NUM_THRESHOLDS], [0, 0, 2, 3, 1])
+    # 9 -> 3 (max 1 per example x 3 examples), -5 -> 0, NaN -> 0.
+    np.testing.assert_allclose(acc.metric_sums()["auc"][:NUM_THRESHOLDS], [3, 2, 0, 0, 0])
 
 
 def test_shape_and_metric_mismatches_are_rejected():
