@@ -14,13 +14,21 @@ FcpError                       500 INTERNAL
 ├── Conflict                   409 FAILED_PRECONDITION wrong state (round closed, task not CREATED)
 │   └── AlreadyExists          409 ALREADY_EXISTS     one active task per population and kind
 ├── PayloadTooLarge            413 OUT_OF_RANGE       body above the configured bound
-└── UnsupportedMediaType       415 INVALID_ARGUMENT   content type or encoding not accepted
+├── UnsupportedMediaType       415 INVALID_ARGUMENT   content type or encoding not accepted
+├── TooManyRequests            429 RESOURCE_EXHAUSTED rate limit hit; carries Retry-After
+└── ServiceUnavailable         503 UNAVAILABLE        database or blob store down; Retry-After
+
+An unavailable dependency raised by the storage layer (`storage.availability`: a dropped
+database connection, a blob store timeout) is answered as ServiceUnavailable, never as 500:
+the request changed nothing it did not roll back, and the caller should retry.
 """
 
 import logging
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
+
+from fcp_server.storage import availability
 
 _LOG = logging.getLogger(__name__)
 
@@ -95,6 +103,32 @@ class UnsupportedMediaType(FcpError):
     status_name = "INVALID_ARGUMENT"
 
 
+class TooManyRequests(FcpError):
+    """The caller exceeded its request rate; `retry_after` seconds until it may call again."""
+
+    http_status = 429
+    status_name = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+class ServiceUnavailable(FcpError):
+    """A dependency (database, blob store) is down; `retry_after` seconds until a retry."""
+
+    http_status = 503
+    status_name = "UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+# What a 503 for an unavailable dependency asks the caller to wait (devices also back off).
+DEPENDENCY_RETRY_AFTER_SECONDS = 5
+
+
 def error_body(code: int, status: str, message: str) -> dict[str, dict[str, int | str]]:
     """The JSON error document every failing endpoint answers with."""
     return {"error": {"code": code, "status": status, "message": message}}
@@ -103,16 +137,28 @@ def error_body(code: int, status: str, message: str) -> dict[str, dict[str, int 
 def _render_fcp_error(error: FcpError) -> tuple[Response, int]:
     if error.http_status >= 500:
         _LOG.error("server error: %s", error.message)
-    return (
-        jsonify(error_body(error.http_status, error.status_name, error.message)),
-        error.http_status,
-    )
+    response = jsonify(error_body(error.http_status, error.status_name, error.message))
+    if isinstance(error, TooManyRequests | ServiceUnavailable):
+        response.headers["Retry-After"] = str(error.retry_after)  # RFC 9110 section 10.2.3
+    return response, error.http_status
 
 
 def _render_http_exception(error: HTTPException) -> tuple[Response, int]:
     code = error.code or 500
     name = (error.name or "ERROR").upper().replace(" ", "_")
     return jsonify(error_body(code, name, error.description or name)), code
+
+
+def _render_unavailable(error: Exception) -> tuple[Response, int]:
+    dependency = availability.unavailable_dependency(error) or "a dependency"
+    _LOG.warning("request failed, the %s is unavailable: %s", dependency, error)
+    unavailable = ServiceUnavailable(
+        f"the {dependency} is temporarily unavailable; retry the request later",
+        retry_after=DEPENDENCY_RETRY_AFTER_SECONDS,
+    )
+    response = jsonify(error_body(503, unavailable.status_name, unavailable.message))
+    response.headers["Retry-After"] = str(unavailable.retry_after)
+    return response, 503
 
 
 def _render_unexpected(error: Exception) -> tuple[Response, int]:
@@ -125,4 +171,6 @@ def register_error_handlers(app: Flask) -> None:
     """Makes every error, ours or Werkzeug's, answer with the JSON error document."""
     app.register_error_handler(FcpError, _render_fcp_error)
     app.register_error_handler(HTTPException, _render_http_exception)
+    for dependency_error in availability.DEPENDENCY_ERRORS:
+        app.register_error_handler(dependency_error, _render_unavailable)
     app.register_error_handler(Exception, _render_unexpected)

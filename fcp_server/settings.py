@@ -15,6 +15,9 @@ from pathlib import Path
 _ENVIRONMENTS = ("demo", "production")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
+# Production's default per-token budget per minute: a device needs about five calls a round
+# (check-in, plan, checkpoint, report, upload) plus rejected check-ins every 60-300 s.
+PRODUCTION_RATE_LIMIT = 120
 
 
 class SettingsError(ValueError):
@@ -59,6 +62,10 @@ class ServerSettings:
     max_artifact_bytes: int = 512 * 1024 * 1024
     # Device tokens issued by `fcp-server tokens issue` expire after this many days.
     token_ttl_days: int = 7
+    # Device API requests one token (or, without device auth, one client address) may make
+    # per window, counted in the database so every web worker shares it; 0 = no limit (demo).
+    rate_limit_requests: int = 0
+    rate_limit_window_seconds: int = 60
     # "json" for structured one-line logs, "text" for people.
     log_format: str = "json"
     log_level: str = "INFO"
@@ -86,10 +93,15 @@ class ServerSettings:
             "FCP_MAX_UPLOAD_BYTES": self.max_upload_bytes,
             "FCP_MAX_ARTIFACT_BYTES": self.max_artifact_bytes,
             "FCP_TOKEN_TTL_DAYS": self.token_ttl_days,
+            "FCP_RATE_LIMIT_WINDOW_SECONDS": self.rate_limit_window_seconds,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(f"{name} must be positive, got {value}")
+        if self.rate_limit_requests < 0:
+            raise SettingsError(
+                f"FCP_RATE_LIMIT_REQUESTS must be >= 0 (0 = off), got {self.rate_limit_requests}"
+            )
 
     @property
     def resolved_blob_url(self) -> str:
@@ -120,6 +132,10 @@ class ServerSettings:
             max_upload_bytes=_int(source, "FCP_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             max_artifact_bytes=_int(source, "FCP_MAX_ARTIFACT_BYTES", cls.max_artifact_bytes),
             token_ttl_days=_int(source, "FCP_TOKEN_TTL_DAYS", 7),
+            rate_limit_requests=_int(
+                source, "FCP_RATE_LIMIT_REQUESTS", PRODUCTION_RATE_LIMIT if production else 0
+            ),
+            rate_limit_window_seconds=_int(source, "FCP_RATE_LIMIT_WINDOW_SECONDS", 60),
             log_format=source.get("FCP_LOG_FORMAT", "json").strip().lower(),
             log_level=source.get("FCP_LOG_LEVEL", "INFO").strip().upper(),
         )

@@ -19,13 +19,42 @@ accumulated (`fedavg.finalize_evaluation`).
 """
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from fcp_server.aggregation import dp, metrics, queries
-from fcp_server.aggregation.state import ClientUpdate, Tensor, Tensors
+from fcp_server.aggregation.state import ClientUpdate, Tensor, Tensors, all_finite
 from fcp_server.protos import plan_pb2
+
+# Elements per chunk of the float64 passes (2 MiB of float64): big enough to amortise numpy's
+# per-call cost, small enough that no full-size float64 copy of a large tensor is made.
+_CHUNK = 1 << 18
+
+
+def _sum_of_squares(tensors: Sequence[Tensor]) -> float:
+    """The float64 sum of squares of all elements (NaN/Inf propagate), chunk by chunk."""
+    total = 0.0
+    for t in tensors:
+        flat = t.reshape(-1)
+        for start in range(0, flat.size, _CHUNK):
+            chunk = flat[start : start + _CHUNK].astype(np.float64)
+            total += float(np.dot(chunk, chunk))
+    return total
+
+
+def _add_scaled(sums: Sequence[Tensor], tensors: Sequence[Tensor], scale: float | None) -> None:
+    """Adds the tensors (times `scale` when given) to the sums, in float64, in place."""
+    for total, t in zip(sums, tensors, strict=True):
+        # Explicit float64 chunks: numpy's own mixed-dtype `total += t` casts in small
+        # buffers and is about 3x slower.
+        flat_total, flat = total.reshape(-1), t.reshape(-1)
+        for start in range(0, flat.size, _CHUNK):
+            chunk = flat[start : start + _CHUNK].astype(np.float64)
+            if scale is not None:
+                chunk *= scale
+            flat_total[start : start + _CHUNK] += chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +97,7 @@ class RoundAccumulator:
         self._clip = self.query.record_clip()
         self._threshold = self.query.quantile_threshold()
         self._zeroing_norm = plan.aggregation.zeroing_norm
-        if self._zeroing_norm < 0.0:
+        if not (math.isfinite(self._zeroing_norm) and self._zeroing_norm >= 0.0):
             raise ValueError(f"zeroing_norm must be >= 0, found {self._zeroing_norm}.")
         self._shapes = [] if evaluation else [tuple(t.shape) for t in plan.model.trainable]
         self._sum = [np.zeros(s, dtype=np.float64) for s in self._shapes]
@@ -99,23 +128,30 @@ class RoundAccumulator:
             ValueError: If the update does not have the plan's tensor shapes or metrics.
         """
         self._check_shapes(update)
-        record: Tensors = tuple(t.astype(np.float64) for t in update.trainable)
-        record, non_finite = dp.zero_non_finite(record)
-        norm = float("nan") if non_finite else dp.global_l2_norm(record)
+        tensors = update.trainable
+        norm = math.sqrt(_sum_of_squares(tensors))
+        # A NaN/Inf element makes the sum of squares non-finite (float32 squares cannot
+        # overflow float64), so the full finiteness scan only runs when the sum says so.
+        non_finite = not math.isfinite(norm) and not all_finite(tensors)
+        if non_finite:
+            norm = float("nan")
         zeroed = clipped = False
         if not non_finite and self._zeroing_norm > 0.0:
-            record, zeroed = dp.zero_if_linf_exceeds(record, self._zeroing_norm)
+            zeroed = dp.global_linf_norm(tensors) > self._zeroing_norm
         if not (non_finite or zeroed) and self._clip is not None:
-            record, _, clipped = dp.clip_l2(record, self._clip)
+            if not math.isfinite(norm):
+                raise ValueError("The update's L2 norm overflows float64; it cannot be clipped.")
+            clipped = norm > self._clip
         if self._threshold is not None:
             # A zeroed (or non-finite, hence zeroed) record reaches the query as zeros.
             effective_norm = 0.0 if (non_finite or zeroed) else norm
             self.below_threshold_count += int(effective_norm <= self._threshold)
-        for total, tensor in zip(self._sum, record, strict=True):
-            total += tensor
+        if not (non_finite or zeroed):  # a zeroed record adds zeros: nothing to do
+            scale = self._clip / norm if clipped and self._clip is not None else None
+            _add_scaled(self._sum, tensors, scale)
         self._add_metrics(update)
         self.num_updates += 1
-        self.num_examples += max(update.num_examples, 0)
+        self.num_examples += metrics.bounded_examples(update.num_examples)
         self.non_finite_count += int(non_finite)
         self.zeroed_count += int(zeroed)
         self.clipped_count += int(clipped)

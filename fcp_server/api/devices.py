@@ -5,16 +5,19 @@ check-in answers 201 with a TaskAssignment or 200 with a RejectionInfo and retry
 report-result answers an UploadInstruction for COMPLETED. Uploads and downloads go to this
 server instead of signed GCS URLs. When device auth is on, every call needs a valid
 `odp-authorization-key`; a check-in without one gets 401 with an UNAUTHENTICATED rejection.
+The token's hash identifies the device: it holds at most one assignment per round and only it
+may report or upload for that assignment. With `FCP_RATE_LIMIT_REQUESTS` set, each token (or
+client address without device auth) gets that many calls per window, then 429 + Retry-After.
 """
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 from google.protobuf import duration_pb2
 
-from fcp_server import errors
+from fcp_server import errors, fault_points
 from fcp_server.api import wire
 from fcp_server.api.context import db_session, server
 from fcp_server.protos import common_pb2, task_assignments_pb2
-from fcp_server.services import auth, blob_paths, checkin, reports, uploads
+from fcp_server.services import auth, blob_paths, checkin, rate_limits, reports, tasks, uploads
 from fcp_server.services.assignment_protos import task_assignment
 
 blueprint = Blueprint("devices", __name__, url_prefix="/taskassignment/v1")
@@ -32,6 +35,8 @@ def authenticate_device() -> Response | None:
     with session.begin():
         ok = ctx.authenticator.authenticate(session, token, ctx.clock.now())
     if ok:
+        if token:  # the device's identity: one assignment per round, reports only its own
+            g.fcp_device_key = auth.token_digest(token)
         return None
     if request.endpoint == "devices.create_task_assignment":
         answer = task_assignments_pb2.CreateTaskAssignmentResponse()
@@ -40,7 +45,48 @@ def authenticate_device() -> Response | None:
     raise errors.Unauthenticated(f"a valid {auth.DEVICE_TOKEN_HEADER} header is required")
 
 
+def device_key() -> str | None:
+    """SHA-256 of the calling device's token once authenticated; None without device auth."""
+    key: str | None = g.get("fcp_device_key")
+    return key
+
+
+def limit_device_rate() -> None:
+    """Counts the call against the caller's budget (after authentication); 429 when spent."""
+    ctx = server()
+    limit, window = ctx.settings.rate_limit_requests, ctx.settings.rate_limit_window_seconds
+    if limit == 0:
+        return
+    key = device_key()
+    caller = (
+        rate_limits.device_caller(key) if key else rate_limits.address_caller(request.remote_addr)
+    )
+    session = db_session()
+    with session.begin():
+        decision = rate_limits.hit(
+            session, caller, now=ctx.clock.now(), limit=limit, window_seconds=window
+        )
+    if not decision.allowed:
+        raise errors.TooManyRequests(
+            f"rate limit of {limit} requests per {window} s exceeded; "
+            f"retry after {decision.retry_after} s",
+            retry_after=decision.retry_after,
+        )
+
+
+def check_population() -> None:
+    """400 for a malformed population name, before it reaches a query or a blob name.
+
+    PostgreSQL refuses NUL in text, so such a name would otherwise end in a 500.
+    """
+    pop = (request.view_args or {}).get("pop")
+    if isinstance(pop, str):
+        tasks.check_population(pop)
+
+
+blueprint.before_request(check_population)
 blueprint.before_request(authenticate_device)
+blueprint.before_request(limit_device_rate)
 
 
 def rejection_proto(rejection: checkin.Rejection) -> common_pb2.RejectionInfo:
@@ -68,6 +114,7 @@ def create_task_assignment(pop: str) -> Response:
             version_code=body.client_version.version_code,
             rng=ctx.rng_factory(),
             now=ctx.clock.now(),
+            device_key=device_key(),
         )
         answer = task_assignments_pb2.CreateTaskAssignmentResponse()
         if isinstance(outcome, checkin.Rejection):
@@ -80,6 +127,9 @@ def create_task_assignment(pop: str) -> Response:
                 )
             )
             result = "SUCCESS"
+            fault_points.hit("checkin.before_commit")
+    if result == "SUCCESS":
+        fault_points.hit("checkin.after_commit")
     ctx.metrics.checkins.inc(pop, result)
     return wire.respond(answer, status=201 if result == "SUCCESS" else 200)
 
@@ -90,10 +140,12 @@ def report_result(pop: str, task_id: int, round_id: int, assignment_id: str) -> 
     body = wire.parse(task_assignments_pb2.ReportResultRequest)
     ctx, session = server(), db_session()
     with session.begin():
-        located = reports.locate(session, pop, task_id, round_id, assignment_id)
+        located = reports.locate(session, pop, task_id, round_id, assignment_id, device_key())
         outcome = reports.report_result(
             session=session, located=located, result=body.result, now=ctx.clock.now()
         )
+    if outcome.upload:
+        fault_points.hit("report.after_commit")
     answer = task_assignments_pb2.ReportResultResponse()
     if outcome.rejection is not None:
         answer.rejection_info.CopyFrom(rejection_proto(outcome.rejection))
@@ -133,6 +185,7 @@ def upload(pop: str, task_id: int, round_id: int, assignment_id: str) -> Respons
             content_encoding=request.headers.get("Content-Encoding", ""),
             now=ctx.clock.now(),
             max_bytes=limit,
+            device_key=device_key(),
         )
     except errors.FcpError as e:
         ctx.metrics.uploads.inc(pop, type(e).__name__)

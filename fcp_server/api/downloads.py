@@ -13,13 +13,14 @@ import hashlib
 from flask import Blueprint, Response, request
 
 from fcp_server import errors
-from fcp_server.api.context import server
-from fcp_server.api.devices import authenticate_device
+from fcp_server.api.context import db_session, server
+from fcp_server.api.devices import authenticate_device, limit_device_rate
 from fcp_server.services import blob_paths, tasks
 from fcp_server.storage.blobs import BlobNotFound
 
 blueprint = Blueprint("downloads", __name__, url_prefix="/taskassignment/v1")
 blueprint.before_request(authenticate_device)
+blueprint.before_request(limit_device_rate)
 CACHE_CONTROL = "private, max-age=3600"
 
 
@@ -46,19 +47,23 @@ def _serve(name: str) -> Response:
     return Response(data, status=200, headers=headers, content_type="application/octet-stream")
 
 
-def _check(pop: str) -> None:
+def _check(pop: str, task_id: int) -> None:
+    """The population name is valid and the task exists: no blob is probed for anything else."""
     tasks.check_population(pop)
+    session = db_session()
+    with session.begin():
+        tasks.get_task(session, pop, task_id)
 
 
 @blueprint.get("/population/<pop>/task/<int:task_id>/client_only_plan")
 def client_only_plan(pop: str, task_id: int) -> Response:
     """The task's serialized fcp.ClientOnlyPlan."""
-    _check(pop)
+    _check(pop, task_id)
     return _serve(blob_paths.artifact_blob(pop, task_id, "client_only_plan"))
 
 
 @blueprint.get("/population/<pop>/task/<int:task_id>/aggregation/<int:result_id>/client_checkpoint")
 def client_checkpoint(pop: str, task_id: int, result_id: int) -> Response:
     """The weights devices start from (safetensors)."""
-    _check(pop)
+    _check(pop, task_id)
     return _serve(blob_paths.client_checkpoint_blob(pop, task_id, result_id))

@@ -25,6 +25,14 @@ def _require_admin_key() -> None:
         raise errors.Unauthenticated("a valid admin API key is required (header x-api-key)")
 
 
+@blueprint.before_request
+def _check_population() -> None:
+    # Before any query or blob name is built from it (PostgreSQL refuses NUL in text: a 500).
+    pop = (request.view_args or {}).get("pop")
+    if isinstance(pop, str):
+        tasks.check_population(pop)
+
+
 def _task_response(pop: str, task_id: int) -> Response:
     session = db_session()
     with session.begin():
@@ -100,7 +108,8 @@ def get_task(pop: str, task_id: int) -> Response:
 
 @blueprint.get("/population/<pop>/tasks")
 def list_tasks(pop: str) -> Response:
-    """The population's tasks, newest first."""
+    """The population's tasks, newest first; 400 for a malformed population name."""
+    tasks.check_population(pop)
     session = db_session()
     with session.begin():
         rows = tasks.list_tasks(session, pop)

@@ -6,7 +6,10 @@ CLIENT_VERSION_MISMATCH (none: ITERATION_NOT_ACTIVE), the best rating decides th
 and among eligible rounds one is drawn by `traffic_weight`. Fixed here: the capacity check is
 the `active_count < capacity` condition of the UPDATE that takes the slot (the reference
 counted in a separate read and could over-assign), zero-weight rounds are never drawn, and
-"only zero weights" is NO_ACTIVE_TASK_EXISTS instead of an exception.
+"only zero weights" is NO_ACTIVE_TASK_EXISTS instead of an exception. With device auth, an
+authenticated device gets at most one assignment per round (a unique index on the round and the
+device's token hash, checked again under concurrency), so it cannot contribute twice; a round it
+already holds is rated ITERATION_FULL for it.
 """
 
 import dataclasses
@@ -17,6 +20,7 @@ import uuid
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fcp_server import errors
@@ -84,7 +88,7 @@ def rejection(rating: Rating) -> Rejection:
 
 def parse_client_version(version_code: str) -> int:
     """The numeric client version (ODP compares versions as longs)."""
-    if not _VERSION_RE.match(version_code):
+    if not _VERSION_RE.fullmatch(version_code):
         raise errors.BadRequest(
             f"client_version.version_code must be a decimal version code, got {version_code[:40]!r}"
         )
@@ -96,13 +100,16 @@ def version_in_range(version: int, minimum: str, maximum: str) -> bool:
     return (not minimum or version >= int(minimum)) and (not maximum or version <= int(maximum))
 
 
-def rate(rnd: Round, task: Task, version: int) -> Rating:
-    """Rates one round for a device, in ODP's check order (status, version, capacity)."""
+def rate(rnd: Round, task: Task, version: int, *, already_assigned: bool = False) -> Rating:
+    """Rates one round for a device, in ODP's check order (status, version, capacity).
+
+    A round the device already holds an assignment in is full for it.
+    """
     if rnd.status != RoundStatus.COLLECTING:
         return Rating.ITERATION_NOT_OPEN
     if not version_in_range(version, task.min_client_version, task.max_client_version):
         return Rating.CLIENT_VERSION_MISMATCH
-    if rnd.active_count >= rnd.capacity:
+    if already_assigned or rnd.active_count >= rnd.capacity:
         return Rating.ITERATION_FULL
     return Rating.SUCCESS
 
@@ -122,6 +129,45 @@ def draw_weighted(weights: list[int], rng: np.random.Generator) -> int | None:
     raise AssertionError("unreachable: point < total")
 
 
+def _rounds_held(session: Session, device_key: str | None, round_pks: list[int]) -> set[int]:
+    if device_key is None or not round_pks:
+        return set()
+    return set(
+        session.scalars(
+            select(Assignment.round_pk).where(
+                Assignment.device_key == device_key, Assignment.round_pk.in_(round_pks)
+            )
+        )
+    )
+
+
+def _take_slot(
+    session: Session, rnd: Round, version_code: str, device_key: str | None, now: dt.datetime
+) -> Assignment | None:
+    """Claims a slot and creates the assignment; None if the round is full for this device."""
+    try:
+        # A savepoint, so a lost race undoes the slot claim and the outer transaction goes on.
+        with session.begin_nested():
+            # The capacity check that counts: a conditional UPDATE, atomic under concurrency.
+            if not transitions.claim_slot(session, rnd.id):
+                return None
+            assignment = Assignment(
+                id=str(uuid.uuid4()),
+                round_pk=rnd.id,
+                status=AssignmentStatus.ASSIGNED,
+                client_version=version_code,
+                created_at=now,
+                status_changed_at=now,
+                device_key=device_key,
+            )
+            session.add(assignment)
+            session.flush()
+    except IntegrityError:
+        # A concurrent check-in of the same device took this round first (unique index).
+        return None
+    return assignment
+
+
 def check_in(
     *,
     session: Session,
@@ -129,6 +175,7 @@ def check_in(
     version_code: str,
     rng: np.random.Generator,
     now: dt.datetime,
+    device_key: str | None = None,
 ) -> Assigned | Rejection:
     """Assigns the device to a round of the population, or says why not.
 
@@ -138,6 +185,7 @@ def check_in(
         version_code: The device's ClientVersion.version_code.
         rng: Source of the weighted draw between training and eval rounds.
         now: Current time.
+        device_key: SHA-256 of the device's token (device auth on), else None (anonymous).
 
     Returns:
         The assignment, or a rejection with its retry window.
@@ -156,7 +204,10 @@ def check_in(
         )
         .order_by(Round.id)
     ).all()
-    ratings = [(rate(rnd, task, version), rnd, task) for rnd, task in rows]
+    held = _rounds_held(session, device_key, [rnd.id for rnd, _ in rows])
+    ratings = [
+        (rate(rnd, task, version, already_assigned=rnd.id in held), rnd, task) for rnd, task in rows
+    ]
     best = min((r for r, _, _ in ratings), default=Rating.ITERATION_NOT_ACTIVE)
     if best != Rating.SUCCESS:
         return rejection(best)
@@ -166,18 +217,8 @@ def check_in(
         if index is None:
             return rejection(Rating.ITERATION_NOT_ACTIVE)
         rnd, task = candidates.pop(index)
-        # The capacity check that counts: a conditional UPDATE, atomic under concurrency.
-        if transitions.claim_slot(session, rnd.id):
-            assignment = Assignment(
-                id=str(uuid.uuid4()),
-                round_pk=rnd.id,
-                status=AssignmentStatus.ASSIGNED,
-                client_version=version_code,
-                created_at=now,
-                status_changed_at=now,
-            )
-            session.add(assignment)
-            session.flush()
+        assignment = _take_slot(session, rnd, version_code, device_key, now)
+        if assignment is not None:
             transitions.record_change(
                 session, EntityKind.ASSIGNMENT, assignment.id, None, assignment.status, now=now
             )

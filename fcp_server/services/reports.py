@@ -54,9 +54,18 @@ class ReportOutcome:
 
 
 def locate(
-    session: Session, pop: str, task_id: int, iteration_id: int, assignment_id: str
+    session: Session,
+    pop: str,
+    task_id: int,
+    iteration_id: int,
+    assignment_id: str,
+    device_key: str | None = None,
 ) -> Located:
-    """Finds an assignment by the ids in its URL; any mismatch is NotFound (never leak)."""
+    """Finds an assignment by the ids in its URL; any mismatch is NotFound (never leak).
+
+    An assignment made to an authenticated device is only found for that device's key, so
+    another device cannot report or upload under a stolen or guessed assignment id.
+    """
     row = session.execute(
         select(Assignment, Round, Task)
         .join(Round, Assignment.round_pk == Round.id)
@@ -70,6 +79,8 @@ def locate(
         raise errors.NotFound(
             f"assignment {assignment_id} not found in {pop}/task {task_id}/round {iteration_id}"
         )
+    if assignment.device_key is not None and assignment.device_key != device_key:
+        raise errors.NotFound(f"assignment {assignment_id} not found for this device")
     return Located(assignment=assignment, round=rnd, task=task)
 
 
@@ -133,5 +144,11 @@ def _completed(session: Session, located: Located, now: dt.datetime) -> ReportOu
         now=now,
         reason="device report",
     ):
-        raise errors.Conflict(f"assignment {assignment.id} changed state concurrently; retry")
+        # Lost the race: a duplicate report won (same answer) or the worker timed the device
+        # out or canceled it meanwhile (final, so a rejection rather than "retry").
+        now_status = session.scalar(select(Assignment.status).where(Assignment.id == assignment.id))
+        if now_status != AssignmentStatus.LOCAL_COMPLETED:
+            return ReportOutcome(
+                upload=False, rejection=checkin.rejection(checkin.Rating.ITERATION_NOT_OPEN)
+            )
     return ReportOutcome(upload=True, rejection=None)

@@ -22,7 +22,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fcp_server import checkpoints, errors
+from fcp_server import checkpoints, errors, fault_points
 from fcp_server.protos import plan_pb2
 from fcp_server.services import blob_paths, compression, reports
 from fcp_server.services.plan_cache import PlanCache
@@ -86,9 +86,14 @@ def _too_late(status: RoundStatus, reported: int, goal: int) -> errors.Conflict 
 
 
 def _prepare(
-    session: Session, pop: str, task_id: int, iteration_id: int, assignment_id: str
+    session: Session,
+    pop: str,
+    task_id: int,
+    iteration_id: int,
+    assignment_id: str,
+    device_key: str | None,
 ) -> _Target:
-    found = reports.locate(session, pop, task_id, iteration_id, assignment_id)
+    found = reports.locate(session, pop, task_id, iteration_id, assignment_id, device_key)
     assignment = found.assignment
     if assignment.status == AssignmentStatus.UPLOAD_COMPLETED:
         already = assignment.upload_sha256
@@ -176,6 +181,7 @@ def accept_upload(
     content_encoding: str,
     now: dt.datetime,
     max_bytes: int,
+    device_key: str | None = None,
 ) -> UploadResult:
     """Validates, stores and counts one device update.
 
@@ -188,6 +194,7 @@ def accept_upload(
         content_encoding: The request's Content-Encoding ("" or "gzip").
         now: Current time.
         max_bytes: Upload size bound (compressed and decompressed).
+        device_key: Token hash of the uploading device (None without device auth).
 
     Raises:
         NotFound: Unknown or foreign assignment.
@@ -195,7 +202,7 @@ def accept_upload(
         InvalidUpload / PayloadTooLarge / UnsupportedMediaType: The body is rejected.
     """
     with database.sessions() as session, session.begin():
-        target = _prepare(session, *ids)
+        target = _prepare(session, *ids, device_key)
     data = decode_body(body, content_encoding, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
     if target.already_uploaded is not None:
@@ -208,10 +215,14 @@ def accept_upload(
     except checkpoints.InvalidUpdate as e:
         raise errors.InvalidUpload(f"update rejected: {e}") from e
     created = _store_once(blobs, target.blob, data)
+    fault_points.hit("upload.after_blob_write")
     try:
         with database.sessions() as session, session.begin():
-            return _commit(session, target, digest, len(data), now)
+            result = _commit(session, target, digest, len(data), now)
     except errors.FcpError:
         if created:  # leave nothing behind for an upload that was not counted
             blobs.delete(target.blob)
         raise
+    if result.counted:
+        fault_points.hit("upload.after_commit")
+    return result

@@ -1,4 +1,4 @@
-"""Database schema of the server: tasks, rounds, assignments, status history, metrics, tokens.
+"""Database schema: tasks, rounds, assignments, status history, metrics, tokens, rate limits.
 
 All round state lives here so any number of web and worker processes can share it. The tables
 follow the ODP Federated Compute Spanner schema (`task_database.sdl`: Task, Iteration,
@@ -14,6 +14,7 @@ import enum
 from typing import Annotated
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Dialect,
     Enum,
@@ -220,6 +221,9 @@ class Assignment(Base):
     __table_args__ = (
         Index("ix_assignments_round_status", "round_pk", "status"),
         Index("ix_assignments_status_changed", "status", "status_changed_at"),
+        # One assignment per device and round: a device cannot contribute twice to a round.
+        # NULL keys (no device auth, devices are anonymous) are distinct on both backends.
+        Index("uq_assignments_round_device", "round_pk", "device_key", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -230,6 +234,9 @@ class Assignment(Base):
     status_changed_at: Mapped[timestamp]
     upload_sha256: Mapped[sha256_hex]
     upload_bytes: Mapped[int | None] = mapped_column(Integer)
+    # SHA-256 of the device token that checked in (as DeviceToken.token_sha256); NULL when
+    # device auth is off. Only this device may report or upload for the assignment.
+    device_key: Mapped[sha256_hex]
 
 
 class StatusChange(Base):
@@ -267,3 +274,15 @@ class DeviceToken(Base):
     created_at: Mapped[timestamp]
     expires_at: Mapped[timestamp]
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+
+
+class RateLimitCounter(Base):
+    """Requests of one caller in one fixed window, shared by every web worker."""
+
+    __tablename__ = "rate_limit_counters"
+
+    # "device:<token sha256>" or "addr:<client address>".
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # Start of the window, seconds since the epoch (a multiple of the window length).
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    count: Mapped[int] = mapped_column(Integer)

@@ -97,7 +97,24 @@ def test_clamp_state_bounds_by_examples_and_keeps_ratio_numerators_signed():
     counts = _spec(Finalizer.PRECISION, [None, None], max_state=1.0)
     np.testing.assert_array_equal(metrics.clamp_state(counts, np.array([-1.0, 7.0]), 5), [0, 5])
     unbounded = _spec(Finalizer.SUM, [None])
-    np.testing.assert_array_equal(metrics.clamp_state(unbounded, np.array([1e12]), 1), [1e12])
+    np.testing.assert_array_equal(metrics.clamp_state(unbounded, np.array([1e5]), 1), [1e5])
+
+
+def test_clamp_state_caps_every_metric_at_the_per_device_ceiling():
+    # No per-example bound (losses) or a huge claimed num_examples: the ceiling still holds.
+    ceiling = metrics.MAX_STATE_PER_DEVICE
+    unbounded = _spec(Finalizer.SUM, [None])
+    np.testing.assert_array_equal(metrics.clamp_state(unbounded, np.array([1e12]), 1), [ceiling])
+    loss = _spec(Finalizer.RATIO, [None, None])
+    np.testing.assert_array_equal(
+        metrics.clamp_state(loss, np.array([-3e38, 3e38]), 10), [-ceiling, ceiling]
+    )
+    counts = _spec(Finalizer.RECALL, [None, None], max_state=1.0)
+    np.testing.assert_array_equal(
+        metrics.clamp_state(counts, np.array([1e9, 1e9]), 10_000_000), [ceiling, ceiling]
+    )
+    assert metrics.bounded_examples(10_000_000) == int(ceiling)
+    assert metrics.bounded_examples(-5) == 0
 
 
 # --- Equivalence with Keras (the metrics devices compute state for) ---------------------
