@@ -34,10 +34,11 @@ from task_builder.errors import ArtifactBuildError, TaskConfigError
 _Mode = task_builder_pb2.TaskMode
 _Algo = task_builder_pb2.LearningAlgo
 _Kind = plan_pb2.PlanKind
-_FIXED_DP = (
-    task_builder_pb2.DpAggregator.FIXED_GAUSSIAN,
-    task_builder_pb2.DpAggregator.TREE_AGGREGATION,
-)
+# The one DP type whose device may clip its own update: its clip is fixed and nothing happens
+# to an update before the clip. The tree types first zero an update whose L-inf norm exceeds
+# 100 x clip (`zeroing_factory`); a device-side clip would turn such an update into a counted,
+# clipped contribution instead of zeros, so for them only the server clips.
+_LOCAL_CLIP_DP = task_builder_pb2.DpAggregator.FIXED_GAUSSIAN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +198,7 @@ def _training(
         client.train_signature = device_program.TRAIN_SIGNATURE
     else:
         client.gradient_signature = device_program.GRADIENT_SIGNATURE
-    if not skip_dp_aggregator and (dp.type or _FIXED_DP[0]) in _FIXED_DP:
+    if not skip_dp_aggregator and (dp.type or _LOCAL_CLIP_DP) == _LOCAL_CLIP_DP:
         client.local_clip_norm = dp.clip_norm  # the server clips again either way
     server = server_plan.training_server_plan(
         config,

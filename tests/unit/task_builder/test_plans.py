@@ -274,3 +274,22 @@ def test_bad_batching_is_a_config_error(digits_model):
     config = make_config(mode="TRAINING_ONLY", batch_size=0)
     with pytest.raises(TaskConfigError, match="batch_size"):
         plans.build_plans(digits_model, config, skip_dp_aggregator=False, skip_flex_ops_check=True)
+
+
+@pytest.mark.parametrize(
+    ("dp", "local_clip"),
+    [
+        ("FIXED_GAUSSIAN", 0.5),
+        ("TREE_AGGREGATION", 0.0),
+        ("ADAPTIVE_GAUSSIAN", 0.0),
+        ("ADAPTIVE_TREE", 0.0),
+    ],
+)
+def test_only_fixed_gaussian_devices_clip_their_own_update(dense_model, dp, local_clip):
+    # The tree types zero an update above 100 x clip before clipping it (TFF zeroing_factory);
+    # a device-side clip would hide such an update from the server's zeroing.
+    config = make_config(mode="TRAINING_ONLY", label_name="clicked", dp=dp, clip=0.5)
+    built = plans.build_plans(
+        dense_model, config, skip_dp_aggregator=False, skip_flex_ops_check=True
+    )
+    assert built.training.client_plan.local_clip_norm == local_clip
