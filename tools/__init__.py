@@ -1,0 +1,1 @@
+"""Developer tools: plots, benchmarks and scripts (not part of the installed packages)."""

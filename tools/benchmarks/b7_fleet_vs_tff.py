@@ -1,0 +1,202 @@
+"""B7: client updates/s of the simulated fleet over HTTP with TFLite plans against TFF.
+
+Same model and data on both sides: the task builder's digits CNN (the EMNIST files are not
+available offline, so scikit-learn's bundled digits are the data), the same TaskConfig
+(FIXED_GAUSSIAN DP, report goal K, R rounds) and the same devices (`client_sim` data split,
+seed 0, iid, no held-out devices).
+
+* Fleet: gunicorn (2 workers, SQLite, local blobs) and `fcp-server worker` serve the plans the
+  builder made; `client-sim` runs in the runner process with one spawned TFLite process and
+  no failure knobs (no dropouts, no simulated compute time). Time: the fleet's own elapsed
+  seconds until the R-th round completed (check-ins, downloads, TFLite training, uploads,
+  round closes).
+* TFF: the learning process the builder composes from the same config
+  (`task_builder.learning_process.compose`), run for R rounds on K devices drawn per round
+  from the same device data, after one untimed compiling round.
+"""
+
+import contextlib
+import io
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+from google.protobuf import text_format
+
+from fcp_server.protos import task_builder_pb2, task_pb2
+from tools.benchmarks import servers
+from tools.benchmarks.figures import Figure
+
+POP = "bench_fleet"
+CONFIG = servers.ROOT / "configs" / "digits_cnn_task.pbtxt"
+NOISE_MULTIPLIER = 0.5
+
+
+def _config(report_goal: int, rounds: int) -> task_builder_pb2.TaskConfig:
+    config = text_format.Parse(CONFIG.read_text(), task_builder_pb2.TaskConfig())
+    config.mode = task_builder_pb2.TaskMode.TRAINING_ONLY
+    config.federated_learning.ClearField("evaluation")
+    config.population_name = POP
+    lp = config.federated_learning.learning_process
+    lp.runtime_config.report_goal = report_goal
+    lp.runtime_config.over_selection_rate = 0.5
+    config.policies.model_release_policy.num_max_training_rounds = rounds
+    config.policies.model_release_policy.dp_target_epsilon = 0.0
+    config.differential_privacy.noise_multiplier = NOISE_MULTIPLIER
+    return config
+
+
+def _task(config: task_builder_pb2.TaskConfig, min_version: str) -> task_pb2.Task:
+    goal = config.federated_learning.learning_process.runtime_config.report_goal
+    task = task_pb2.Task(
+        total_iteration=config.policies.model_release_policy.num_max_training_rounds,
+        min_aggregation_size=goal,
+        max_aggregation_size=int(goal * 1.5),
+        min_client_version=min_version or "0",
+    )
+    task.info.traffic_weight = 100
+    policies = task.info.training_info.eligibility_task_info.eligibility_policies
+    policies.add(min_sep_policy=config.policies.min_separation_policy)
+    policies.add(data_availability_policy=config.policies.data_availability_policy)
+    return task
+
+
+def _fleet_seconds(url: str, devices: int, rounds: int) -> float:
+    from client_sim import cli
+
+    args = ["--server", url, "--population", POP, "--devices", str(devices)]
+    args += ["--rounds", str(rounds), "--seed", "0", "--compute-workers", "1"]
+    args += ["--concurrency", "8", "--eval-device-fraction", "0", "--quiet"]
+    args += ["--dropout", "0", "--crash-after-report", "0", "--network-errors", "0"]
+    args += ["--duplicate-uploads", "0", "--stragglers", "0", "--compute-median", "0"]
+    args += ["--checkin-interval", "0", "--poll-interval", "0.2", "--max-duration", "1800"]
+    # Retry windows are simulated seconds: 1 ms each brings rejected devices back quickly.
+    args += ["--time-scale", "0.001"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(args)
+    summary = json.loads(out.getvalue())
+    if code != 0:
+        raise RuntimeError(f"client-sim did not reach the goal: {summary}")
+    return float(summary["elapsed_seconds"])
+
+
+def _device_datasets(devices: int, batch_size: int) -> list[Any]:
+    """The fleet's training devices (same seed and split) as tf.data datasets."""
+    import tensorflow as tf
+
+    from client_sim import data_sources, examples, partitioning
+
+    rng = np.random.default_rng(0)
+    source = data_sources.load_digits_source(rng)
+    data = data_sources.assign_devices(
+        source, devices, partitioning.parse_partition("iid"), rng, eval_device_fraction=0.0
+    )
+    out = []
+    for device in data:
+        records = device.records(data_sources.TRAIN)
+        parsed = [examples.parse_record(r) for r in records]
+        x = np.array([p.features.feature["x"].float_list.value for p in parsed], np.float32)
+        y = np.array([p.features.feature["y"].int64_list.value[0] for p in parsed], np.int64)
+        ds = tf.data.Dataset.from_tensor_slices((x.reshape(-1, 8, 8, 1), y))
+        out.append(ds.batch(batch_size))
+    return out
+
+
+def _tff_seconds(
+    model_dir: pathlib.Path, config: task_builder_pb2.TaskConfig, devices: int, rounds: int
+) -> float:
+    from task_builder import learning_process, model_loading
+
+    model = model_loading.load_model(str(model_dir))
+    process = learning_process.compose(model, config, skip_dp_aggregator=False)
+    batch = config.policies.dataset_policy.batch_size
+    datasets = _device_datasets(devices, batch)
+    goal = config.federated_learning.learning_process.runtime_config.report_goal
+    rng = np.random.default_rng(1)
+    state = process.initialize()
+    pick = [datasets[i] for i in rng.choice(len(datasets), goal, replace=False)]
+    state = process.next(state, pick).state  # compile
+    started = time.perf_counter()
+    for _ in range(rounds):
+        pick = [datasets[i] for i in rng.choice(len(datasets), goal, replace=False)]
+        state = process.next(state, pick).state
+    return time.perf_counter() - started
+
+
+def run(quick: bool) -> list[Figure]:
+    """R rounds of K clients through the fleet and through TFF."""
+    from task_builder import model_loading, plans, tff_runtime
+    from task_builder.examples import save_models
+
+    tff_runtime.install_reaper()
+    goal, rounds, devices = (4, 2, 12) if quick else (10, 5, 40)
+    config = _config(goal, rounds)
+    with tempfile.TemporaryDirectory(prefix="fcp-b7-") as tmp:
+        root = pathlib.Path(tmp)
+        try:
+            model_dir = save_models.save_example("digits_cnn", root / "models")
+            built = plans.build_plans(
+                model_loading.load_model(str(model_dir)),
+                config,
+                skip_dp_aggregator=False,
+                skip_flex_ops_check=False,
+            )
+            training = built.training
+            if training is None or training.initial_checkpoint is None:
+                raise RuntimeError("the builder made no training plan or initial checkpoint")
+            theirs_s = _tff_seconds(model_dir, config, devices, rounds)
+        finally:
+            tff_runtime.reap_tff_workers()
+        env = {
+            **servers.server_env(servers.sqlite_database(root), root / "blobs"),
+            "FCP_WORKER_INTERVAL_SECONDS": "0.1",
+        }
+        worker_log = (root / "worker.log").open("ab")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "fcp_server.cli", "worker"],
+            cwd=servers.ROOT,
+            env=env,
+            stdout=worker_log,
+            stderr=worker_log,
+            start_new_session=True,
+        )
+        try:
+            with (
+                servers.gunicorn("fcp_server.app:create_app()", env, root / "web.log") as (url, _),
+                httpx.Client(base_url=url, timeout=60) as http,
+            ):
+                servers.register_task(
+                    http,
+                    POP,
+                    _task(config, training.min_client_version),
+                    training.server_plan,
+                    training.client_plan,
+                    training.initial_checkpoint,
+                )
+                ours_s = _fleet_seconds(url, devices, rounds)
+        finally:
+            servers.stop_group(worker)
+            worker_log.close()
+    updates = goal * rounds
+    return [
+        Figure(
+            benchmark="B7",
+            name=f"fleet over HTTP vs TFF, digits CNN, {rounds} rounds x {goal} clients",
+            ours=updates / ours_s,
+            unit="updates/s",
+            baseline=updates / theirs_s,
+            baseline_name="TFF 0.87 simulation of the same rounds (C++ context)",
+            target_on="ratio",
+            target=1.0,
+            direction="higher",
+            notes="fleet: client-sim threads + 1 TFLite process in the runner, gunicorn "
+            "2 workers + 1 worker process; TFF: runner process + worker_binary; same 2 cores",
+        )
+    ]
