@@ -15,6 +15,7 @@ Each function works in the caller's transaction on a bounded batch and is safe t
 many processes at once: every change is a compare-and-swap.
 """
 
+import collections
 import datetime as dt
 
 from sqlalchemy import select
@@ -39,7 +40,13 @@ BATCH = 500
 
 
 def expire_assignments(session: Session, *, now: dt.datetime, settings: ServerSettings) -> int:
-    """Times out devices that went silent; returns how many assignments timed out."""
+    """Times out devices that went silent; returns how many assignments timed out.
+
+    Lock order: every assignment first (by id), then the rounds whose slots are freed (by
+    id), as uploads and reports lock their assignment before its round. Freeing a slot right
+    after each timeout held the round while waiting for the next assignment, which an upload
+    could hold while waiting for that round: a deadlock PostgreSQL breaks by aborting one.
+    """
     rules = (
         (
             AssignmentStatus.ASSIGNED,
@@ -52,7 +59,7 @@ def expire_assignments(session: Session, *, now: dt.datetime, settings: ServerSe
             settings.upload_timeout_seconds,
         ),
     )
-    expired = 0
+    freed: collections.Counter[int] = collections.Counter()
     for source, target, seconds in rules:
         cutoff = now - dt.timedelta(seconds=seconds)
         rows = session.execute(
@@ -63,6 +70,7 @@ def expire_assignments(session: Session, *, now: dt.datetime, settings: ServerSe
                 Assignment.status_changed_at < cutoff,
                 Round.status == RoundStatus.COLLECTING,
             )
+            .order_by(Assignment.id)
             .limit(BATCH)
         ).all()
         for assignment_id, round_pk in rows:
@@ -74,9 +82,11 @@ def expire_assignments(session: Session, *, now: dt.datetime, settings: ServerSe
                 now=now,
                 reason=f"no progress for {seconds} s",
             ):
-                transitions.release_slot(session, round_pk)
-                expired += 1
-    return expired
+                freed[round_pk] += 1
+    for round_pk in sorted(freed):
+        for _ in range(freed[round_pk]):
+            transitions.release_slot(session, round_pk)
+    return freed.total()
 
 
 def cancel_leftover_assignments(session: Session, *, now: dt.datetime) -> int:
@@ -88,6 +98,7 @@ def cancel_leftover_assignments(session: Session, *, now: dt.datetime) -> int:
             Assignment.status.in_((AssignmentStatus.ASSIGNED, AssignmentStatus.LOCAL_COMPLETED)),
             Round.status != RoundStatus.COLLECTING,
         )
+        .order_by(Assignment.id)  # the timeout sweep's lock order
         .limit(BATCH)
     ).all()
     canceled = 0
