@@ -120,11 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, help="run directory (default runs/demo-<time>)")
     parser.add_argument(
-        "--config", type=pathlib.Path, default=ROOT / "configs/digits_cnn_task.pbtxt"
+        "--config", type=pathlib.Path, default=ROOT / "configs/digits_demo_task.pbtxt"
     )
     parser.add_argument("--model", default="digits_cnn", help="example model to train")
-    parser.add_argument("--devices", type=int, default=120, help="simulated devices")
-    parser.add_argument("--eval-rounds", type=int, default=1, help="eval rounds to wait for")
+    parser.add_argument(
+        "--devices", type=int, default=600, help="simulated devices (20%% hold eval data only)"
+    )
+    parser.add_argument(
+        "--time-scale", default="0.02", help="fleet: real seconds per simulated second"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -197,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds = int(training["totalIteration"])  # type: ignore[call-overload]
         population = str(training["populationName"])
 
-        _step(f"4/5 run the simulated fleet until {rounds} rounds complete")
+        _step(f"4/5 run the simulated fleet: {rounds} rounds, then the final model's eval")
         _run(
             [
                 str(BIN / "client-sim"),
@@ -210,7 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--rounds",
                 str(rounds),
                 "--eval-rounds",
-                str(args.eval_rounds),
+                "all",
+                "--time-scale",
+                args.time_scale,
+                # Sessions mostly sleep (simulated compute, retry windows); the TFLite work
+                # itself runs in the fleet's compute processes.
+                "--concurrency",
+                "64",
                 "--seed",
                 str(args.seed),
             ],

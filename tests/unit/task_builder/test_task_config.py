@@ -1,6 +1,7 @@
 """Validation (every rule, exact messages), normalization and loading of TaskConfigs."""
 
 import math
+import pathlib
 
 import pytest
 from google.protobuf import text_format
@@ -577,14 +578,16 @@ def test_override_population_copies():
     assert task_config.override_population(config, None) == config
 
 
-@pytest.mark.parametrize("name", ["digits_cnn_task", "dense_dict_task", "emnist_cnn_task"])
-def test_shipped_example_configs_validate(name):
-    import pathlib
+_CONFIGS = pathlib.Path(__file__).parents[3] / "configs"
 
-    path = pathlib.Path(__file__).parents[3] / "configs" / f"{name}.pbtxt"
-    if not path.exists():
-        pytest.skip(f"{path.name} not shipped")
 
+def test_the_example_configs_are_shipped():
+    names = {p.stem for p in _CONFIGS.glob("*.pbtxt")}
+    assert {"digits_demo_task", "digits_cnn_task", "dense_dict_task", "emnist_cnn_task"} <= names
+
+
+@pytest.mark.parametrize("path", sorted(_CONFIGS.glob("*.pbtxt")), ids=lambda p: p.stem)
+def test_shipped_example_configs_validate(path):
     out = task_config.validate_and_normalize(task_config.load_task_config(str(path)))
 
     assert out.population_name
