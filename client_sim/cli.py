@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=_positive, default=0.01, help="real s per simulated s")
     p.add_argument("--versions", default=None, help="CODE:WEIGHT,... client version mix")
     p.add_argument("--auth-token", default=os.environ.get("FCP_DEVICE_TOKEN"))
+    p.add_argument(
+        "--auth-tokens-file",
+        type=Path,
+        help="one device token per line (fcp-server tokens issue --count N); device i uses line i",
+    )
     p.add_argument("--admin-key", default=os.environ.get("FCP_ADMIN_API_KEY"))
     p.add_argument("--dropout", type=_probability, default=d.dropout_rate)
     p.add_argument("--crash-after-report", type=_probability, default=d.crash_after_report_rate)
@@ -90,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=_positive, default=1.0, help="task polling (s)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
+
+
+def _read_tokens(path: Path | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    tokens = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if not tokens:
+        raise ValueError(f"{path} holds no tokens")
+    return tokens
 
 
 def _config(args: argparse.Namespace) -> FleetConfig:
@@ -111,6 +126,7 @@ def _config(args: argparse.Namespace) -> FleetConfig:
         time_scale=args.time_scale,
         knobs=knobs,
         auth_token=args.auth_token,
+        auth_tokens=_read_tokens(args.auth_tokens_file),
         retry=RetryPolicy(),
         **extra,
     )

@@ -58,6 +58,10 @@ class FleetConfig:
     versions: VersionMix = field(default_factory=VersionMix)
     # Device token sent as odp-authorization-key (None: no header).
     auth_token: str | None = None
+    # One token per device (device i uses auth_tokens[i % len]); overrides auth_token. A
+    # server with device auth lets each token contribute once per round, so a fleet sharing
+    # one token would get one assignment per round.
+    auth_tokens: tuple[str, ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
@@ -94,7 +98,10 @@ class Fleet:
         # Tests may wrap the real computation (e.g. to see which records a job carried).
         self._compute_override = compute
         seeds = np.random.SeedSequence(config.seed).spawn(len(data))
-        self.devices = [self._make_device(d, s, base_url) for d, s in zip(data, seeds, strict=True)]
+        self.devices = [
+            self._make_device(d, s, base_url, self._token(i))
+            for i, (d, s) in enumerate(zip(data, seeds, strict=True))
+        ]
 
     def _sleep(self, simulated: float) -> None:
         if simulated > 0:
@@ -107,8 +114,12 @@ class Fleet:
             return run_compute_job(job)
         return self._executor.submit(run_compute_job, job).result()
 
+    def _token(self, index: int) -> str | None:
+        tokens = self.config.auth_tokens
+        return tokens[index % len(tokens)] if tokens else self.config.auth_token
+
     def _make_device(
-        self, data: DeviceData, seed: np.random.SeedSequence, base_url: str
+        self, data: DeviceData, seed: np.random.SeedSequence, base_url: str, token: str | None
     ) -> SimulatedDevice:
         rng = np.random.default_rng(seed)
         flaky = FlakyTransport(
@@ -120,7 +131,7 @@ class Fleet:
             http,
             rng=rng,
             sleep=self._sleep,
-            auth_token=self.config.auth_token,
+            auth_token=token,
             retry=self.config.retry,
         )
         return SimulatedDevice(

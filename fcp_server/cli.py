@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     issue = token_cmd.add_subparsers(dest="tokens_command", required=True).add_parser("issue")
     issue.add_argument("--label", default="")
     issue.add_argument("--ttl-days", type=int)
+    issue.add_argument(
+        "--count", type=int, default=1, help="tokens to issue, one per line (one per device)"
+    )
     return parser
 
 
@@ -111,16 +114,27 @@ def _tasks(settings: ServerSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+# Bounds one call; a fleet needs one token per device.
+MAX_TOKENS_PER_CALL = 100_000
+
+
 def _issue_token(settings: ServerSettings, args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= MAX_TOKENS_PER_CALL:
+        print(f"--count must be in [1, {MAX_TOKENS_PER_CALL}]", file=sys.stderr)
+        return 2
     database = db.connect(settings.database_url)
     with database.sessions() as session, session.begin():
-        token = auth.issue_token(
-            session,
-            now=SystemClock().now(),
-            label=args.label,
-            ttl_days=args.ttl_days or settings.token_ttl_days,
-        )
-    print(token)
+        now = SystemClock().now()
+        tokens = [
+            auth.issue_token(
+                session,
+                now=now,
+                label=args.label,
+                ttl_days=args.ttl_days or settings.token_ttl_days,
+            )
+            for _ in range(args.count)
+        ]
+    print("\n".join(tokens))
     return 0
 
 
