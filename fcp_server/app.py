@@ -14,7 +14,16 @@ from flask import Flask, Response, g, request
 
 from fcp_server import errors, observability, worker
 from fcp_server.aggregation import make_noise_rng
-from fcp_server.api import context, dashboard, devices, downloads, ops, tasks
+from fcp_server.api import (
+    context,
+    dashboard,
+    devices,
+    downloads,
+    openapi,
+    ops,
+    tasks,
+    url_converters,
+)
 from fcp_server.clock import Clock, SystemClock
 from fcp_server.services.auth import Authenticator, OpenAuthenticator, TokenAuthenticator
 from fcp_server.services.plan_cache import PlanCache
@@ -79,9 +88,11 @@ def create_app(
         rng_factory=(lambda: checkin_rng) if checkin_rng is not None else np.random.default_rng,
     )
     app = Flask(__name__)
+    # Before the blueprints: their `<int:...>` ids must never overflow the id columns.
+    app.url_map.converters["int"] = url_converters.BoundedIdConverter
     context.install(app, ctx)
     errors.register_error_handlers(app)
-    blueprints = (tasks, devices, downloads, ops, dashboard)
+    blueprints = (tasks, devices, downloads, ops, dashboard, openapi)
     for blueprint in (module.blueprint for module in blueprints):
         app.register_blueprint(blueprint)
     _observe_requests(app, ctx.metrics)

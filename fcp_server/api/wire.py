@@ -6,7 +6,8 @@ Content-Type; the answer follows the request's Accept header, else the request's
 else binary protobuf.
 """
 
-from typing import TypeVar
+import json
+from typing import Any, TypeVar
 
 from flask import Response, request
 from google.protobuf import json_format
@@ -36,6 +37,28 @@ def _media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key in a JSON object")
+    return dict(pairs)
+
+
+def _json_object(data: bytes, name: str) -> dict[str, Any]:
+    """The body as a JSON object, or BadRequest (json_format itself fails on some of these)."""
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+        # A lone surrogate escape ("\ud800") decodes but cannot be encoded again; the protobuf
+        # runtime then fails with SystemError instead of a parse error.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as e:  # UnicodeError and JSONDecodeError included
+        raise errors.BadRequest(f"body is not valid JSON for {name}: {e}") from e
+    if not isinstance(value, dict):
+        # json_format raises TypeError (a 500) for a top-level number, array or null.
+        raise errors.BadRequest(f"a JSON {name} body must be an object, not {type(value).__name__}")
+    return value
+
+
 def parse(message_type: type[M], *, allow_empty: bool = True) -> M:
     """Parses the request body as `message_type` per its Content-Type.
 
@@ -51,12 +74,11 @@ def parse(message_type: type[M], *, allow_empty: bool = True) -> M:
         raise errors.BadRequest(f"a {message_type.DESCRIPTOR.full_name} body is required")
     media = _media_type(request.headers.get("Content-Type"))
     if media == JSON:
+        name = message_type.DESCRIPTOR.full_name
         try:
-            json_format.Parse(data.decode("utf-8"), message)
-        except (json_format.ParseError, UnicodeDecodeError) as e:
-            raise errors.BadRequest(
-                f"body is not a valid JSON {message_type.DESCRIPTOR.full_name}: {e}"
-            ) from e
+            json_format.ParseDict(_json_object(data, name), message)
+        except json_format.ParseError as e:
+            raise errors.BadRequest(f"body is not a valid JSON {name}: {e}") from e
         return message
     if media in _PROTOBUF_ALIASES or not media:
         try:

@@ -8,6 +8,7 @@ Blob names follow the ODP `GCSBlobManager` layout (odp-federated-compute.md sect
     {pop}/{task}/N/s/0/checkpoint           server state after round N (0 = initial)
     {pop}/{task}/N/d/0/client_checkpoint    weights devices download for round N+1
     {pop}/{task}/N/s/0/metrics              flat JSON metrics of round N
+    {pop}/{task}/N/s/0/staged_outputs       all of round N's outputs, staged before publishing
     {pop}/{task}/N/d/{assignment}/gradient  one device's update for round N
 
 URLs are server-relative paths; the task builder PUTs artifacts to the task-management ones
@@ -16,8 +17,11 @@ and devices GET/PUT the task-assignment ones.
 
 import re
 
-_POPULATION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_ASSIGNMENT_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Shapes of path segments (also published in the OpenAPI description).
+POPULATION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+ASSIGNMENT_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_POPULATION_RE = re.compile(POPULATION_PATTERN)
+_ASSIGNMENT_RE = re.compile(ASSIGNMENT_PATTERN)
 TM_PREFIX = "/taskmanagement/v1"
 TA_PREFIX = "/taskassignment/v1"
 # Artifact kinds the task builder uploads, and their blob file names.
@@ -30,12 +34,13 @@ ARTIFACT_KINDS = {
 
 def is_valid_population(name: str) -> bool:
     """Population names: 1-64 of [A-Za-z0-9_.-], starting alphanumeric (no slashes, as ODP)."""
-    return bool(_POPULATION_RE.match(name))
+    # fullmatch: `$` alone also matches before a trailing newline ("pop\n" would pass).
+    return _POPULATION_RE.fullmatch(name) is not None
 
 
 def is_valid_assignment_id(assignment_id: str) -> bool:
     """Assignment ids are lowercase uuid4 strings."""
-    return bool(_ASSIGNMENT_RE.match(assignment_id))
+    return _ASSIGNMENT_RE.fullmatch(assignment_id) is not None
 
 
 def artifact_blob(pop: str, task_id: int, kind: str) -> str:
@@ -56,6 +61,11 @@ def client_checkpoint_blob(pop: str, task_id: int, result_id: int) -> str:
 def metrics_blob(pop: str, task_id: int, result_id: int) -> str:
     """Flat JSON metrics of round `result_id`."""
     return f"{pop}/{task_id}/{result_id}/s/0/metrics"
+
+
+def staged_outputs_blob(pop: str, task_id: int, result_id: int) -> str:
+    """Everything round `result_id` publishes, staged once before publishing (`round_outputs`)."""
+    return f"{pop}/{task_id}/{result_id}/s/0/staged_outputs"
 
 
 def gradient_blob(pop: str, task_id: int, result_id: int, assignment_id: str) -> str:

@@ -19,8 +19,8 @@ import re
 import uuid
 
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from fcp_server import errors
@@ -33,12 +33,25 @@ from fcp_server.storage.models import (
     EntityKind,
     Round,
     RoundStatus,
+    StatusChange,
     Task,
     TaskStatus,
 )
 
 _VERSION_RE = re.compile(r"^[0-9]{1,18}$")
 _Reason = common_pb2.RejectionReason
+# The population's active rounds with their tasks, built once: constructing the statement
+# on every check-in cost about as much CPU as running it.
+_ACTIVE_ROUNDS = (
+    select(Round, Task)
+    .join(Task, Round.task_pk == Task.id)
+    .where(
+        Task.population_name == bindparam("pop"),
+        Task.status == TaskStatus.OPEN,
+        Round.status.in_(ACTIVE_ROUND_STATUSES),
+    )
+    .order_by(Round.id)
+)
 # Retry windows of ODP's server, seconds.
 SHORT_RETRY = (60, 300)
 LONG_RETRY = (86_400, 172_800)
@@ -141,31 +154,65 @@ def _rounds_held(session: Session, device_key: str | None, round_pks: list[int])
     )
 
 
+def _insert_assignment(session: Session, values: dict[str, object]) -> bool:
+    """Inserts the assignment row; False if the device already holds one in the round.
+
+    With device auth the unique (round, device) index can refuse the row. `ON CONFLICT DO
+    NOTHING` (PostgreSQL and SQLite alike) reports that as no row instead of an error, so no
+    savepoint (two more round trips per check-in) is needed to survive it.
+    """
+    if values["device_key"] is None:  # anonymous: NULL keys never conflict
+        session.execute(insert(Assignment), values)
+        return True
+    dialect = session.get_bind().dialect.name
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Assignment)
+    # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT here.
+    inserted = stmt.values(values).on_conflict_do_nothing().returning(Assignment.id)
+    return session.execute(inserted).first() is not None
+
+
 def _take_slot(
     session: Session, rnd: Round, version_code: str, device_key: str | None, now: dt.datetime
 ) -> Assignment | None:
-    """Claims a slot and creates the assignment; None if the round is full for this device."""
-    try:
-        # A savepoint, so a lost race undoes the slot claim and the outer transaction goes on.
-        with session.begin_nested():
-            # The capacity check that counts: a conditional UPDATE, atomic under concurrency.
-            if not transitions.claim_slot(session, rnd.id):
-                return None
-            assignment = Assignment(
-                id=str(uuid.uuid4()),
-                round_pk=rnd.id,
-                status=AssignmentStatus.ASSIGNED,
-                client_version=version_code,
-                created_at=now,
-                status_changed_at=now,
-                device_key=device_key,
-            )
-            session.add(assignment)
-            session.flush()
-    except IntegrityError:
-        # A concurrent check-in of the same device took this round first (unique index).
-        return None
-    return assignment
+    """Creates the assignment and claims its slot; None if the round is full for this device.
+
+    The rows are written first and the slot's conditional UPDATE comes last, right before the
+    caller commits: the UPDATE locks the round's row (the one row every check-in of the round
+    writes) until the commit, so nothing else runs while it is held. A lost claim deletes the
+    rows again inside the same transaction, so no other transaction ever sees them.
+    """
+    assignment_id = str(uuid.uuid4())
+    values: dict[str, object] = {
+        "id": assignment_id,
+        "round_pk": rnd.id,
+        "status": AssignmentStatus.ASSIGNED,
+        "client_version": version_code,
+        "created_at": now,
+        "status_changed_at": now,
+        "device_key": device_key,
+    }
+    if not _insert_assignment(session, values):
+        return None  # a concurrent check-in of the same device took this round first
+    session.execute(
+        insert(StatusChange),
+        {
+            "entity": EntityKind.ASSIGNMENT,
+            "entity_id": assignment_id,
+            "from_status": None,
+            "to_status": AssignmentStatus.ASSIGNED.value,
+            "changed_at": now,
+            "reason": "",
+        },
+    )
+    # The capacity check that counts: a conditional UPDATE, atomic under concurrency.
+    if transitions.claim_slot(session, rnd.id):
+        return Assignment(**values)  # detached: the row is written, callers only read it
+    session.execute(
+        delete(StatusChange).where(
+            StatusChange.entity == EntityKind.ASSIGNMENT, StatusChange.entity_id == assignment_id
+        )
+    )
+    return None
 
 
 def check_in(
@@ -194,16 +241,7 @@ def check_in(
         BadRequest: The version code is not numeric.
     """
     version = parse_client_version(version_code)
-    rows = session.execute(
-        select(Round, Task)
-        .join(Task, Round.task_pk == Task.id)
-        .where(
-            Task.population_name == pop,
-            Task.status == TaskStatus.OPEN,
-            Round.status.in_(ACTIVE_ROUND_STATUSES),
-        )
-        .order_by(Round.id)
-    ).all()
+    rows = session.execute(_ACTIVE_ROUNDS, {"pop": pop}).all()
     held = _rounds_held(session, device_key, [rnd.id for rnd, _ in rows])
     ratings = [
         (rate(rnd, task, version, already_assigned=rnd.id in held), rnd, task) for rnd, task in rows
@@ -219,8 +257,5 @@ def check_in(
         rnd, task = candidates.pop(index)
         assignment = _take_slot(session, rnd, version_code, device_key, now)
         if assignment is not None:
-            transitions.record_change(
-                session, EntityKind.ASSIGNMENT, assignment.id, None, assignment.status, now=now
-            )
             return Assigned(assignment=assignment, round=rnd, task=task)
     return rejection(Rating.ITERATION_FULL)

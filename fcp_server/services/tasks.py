@@ -22,6 +22,7 @@ from fcp_server.storage import transitions
 from fcp_server.storage.models import (
     ACTIVE_ROUND_STATUSES,
     ACTIVE_TASK_STATUSES,
+    MAX_ID,
     EntityKind,
     Round,
     RoundStatus,
@@ -58,7 +59,7 @@ def _kind(task: task_pb2.Task) -> TaskKind:
 
 
 def _check_version(value: str, field: str) -> None:
-    if value and not _VERSION_RE.match(value):
+    if value and not _VERSION_RE.fullmatch(value):
         raise errors.BadRequest(f"task.{field} must be a decimal version code, got {value!r}")
 
 
@@ -140,6 +141,11 @@ def _check_no_active(session: Session, pop: str, kind: TaskKind) -> None:
 def _link_training(session: Session, pop: str, row: Task, task: task_pb2.Task) -> None:
     eval_info = task.info.evaluation_info
     train_pop = eval_info.training_population_name or pop
+    if not 0 < eval_info.training_task_id <= MAX_ID:  # PostgreSQL cannot compare larger ones
+        raise errors.BadRequest(
+            f"eval task refers to training task id {eval_info.training_task_id}, "
+            f"which is not in 1..{MAX_ID}"
+        )
     training = session.scalar(
         select(Task).where(
             Task.population_name == train_pop,

@@ -118,6 +118,9 @@ ACTIVE_TASK_STATUSES = (TaskStatus.CREATED, TaskStatus.OPEN)
 ACTIVE_ROUND_STATUSES = (RoundStatus.COLLECTING, RoundStatus.AGGREGATING, RoundStatus.APPLYING)
 
 intpk = Annotated[int, mapped_column(Integer, primary_key=True, autoincrement=True)]
+# Largest value of INTEGER, the type of every id column (task, round, row ids): a larger id
+# from a request can name nothing, and PostgreSQL refuses to even compare it (out of range).
+MAX_ID = 2**31 - 1
 timestamp = Annotated[dt.datetime, mapped_column(UtcDateTime())]
 sha256_hex = Annotated[str | None, mapped_column(String(64))]
 
