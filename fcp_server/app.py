@@ -87,7 +87,8 @@ def create_app(
         plans=PlanCache(),
         rng_factory=(lambda: checkin_rng) if checkin_rng is not None else np.random.default_rng,
     )
-    app = Flask(__name__)
+    # No default /static route: the dashboard serves its own assets with security headers.
+    app = Flask(__name__, static_folder=None)
     # Before the blueprints: their `<int:...>` ids must never overflow the id columns.
     app.url_map.converters["int"] = url_converters.BoundedIdConverter
     context.install(app, ctx)

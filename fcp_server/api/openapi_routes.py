@@ -254,14 +254,6 @@ def _operations() -> tuple[Route, ...]:
             (_ASSET,),
             params=(_FILENAME,),
         ),
-        Route(
-            "get",
-            "/static/{filename}",
-            "Flask's default static folder (the same assets).",
-            "ops",
-            (_ASSET,),
-            params=(_FILENAME,),
-        ),
         Route("get", DOCUMENT_PATH, "This OpenAPI description.", "ops", (document,)),
     )
 
