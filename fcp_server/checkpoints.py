@@ -294,7 +294,10 @@ def _optimizer_specs(plan: plan_pb2.ServerPlan) -> dict[str, Spec]:
     def key(t: plan_pb2.TensorSpec) -> tuple[str, list[int], str]:
         return t.name, list(t.shape), t.dtype  # Labels are for people; ignore them.
 
-    if declared and [key(t) for t in declared] != [key(t) for t in expected]:
+    # Checkpoint tensors are addressed by name, so the list's order carries no meaning: the
+    # builder lists TFF's layout (step, every accumulator, every preconditioner) while
+    # `state_specs` interleaves them per weight.
+    if declared and sorted(map(key, declared)) != sorted(map(key, expected)):
         raise ValueError(
             "The plan's server_optimizer_state does not match its server_optimizer: "
             f"{[t.name for t in declared]} vs {[t.name for t in expected]}."
