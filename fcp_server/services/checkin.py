@@ -212,6 +212,7 @@ def _take_slot(
             StatusChange.entity == EntityKind.ASSIGNMENT, StatusChange.entity_id == assignment_id
         )
     )
+    session.execute(delete(Assignment).where(Assignment.id == assignment_id))
     return None
 
 

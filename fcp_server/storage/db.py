@@ -19,9 +19,13 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import QueuePool
+
+from fcp_server import fault_points
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# libpq waits forever for an unresponsive server by default; a request must get its 503 first.
+PG_CONNECT_TIMEOUT_S = 10
 _SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 
 
@@ -62,12 +66,20 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("connect_args", {})["isolation_level"] = None
         if parsed.database in (None, "", ":memory:"):
             raise ValueError("in-memory SQLite cannot be shared between sessions; use a file")
-        kwargs.setdefault("poolclass", NullPool)
+        # Pooled, one connection per thread at a time: a fresh connection per session (NullPool)
+        # re-ran the PRAGMAs and, closing the last one, checkpointed the WAL on every request.
+        kwargs.setdefault("poolclass", QueuePool)
     else:
         kwargs.setdefault("pool_pre_ping", True)
+        if "connect_timeout" not in parsed.query:  # a URL's own ?connect_timeout= wins
+            kwargs.setdefault("connect_args", {}).setdefault(
+                "connect_timeout", PG_CONNECT_TIMEOUT_S
+            )
     engine = create_engine(parsed, **kwargs)
     if backend == "sqlite":
         _configure_sqlite(engine)
+    if fault_points.armed():  # crash tests only: a kill point just before every COMMIT
+        event.listen(engine, "commit", lambda _conn: fault_points.hit("db.commit"))
     return engine
 
 

@@ -2,13 +2,15 @@
 
 For each round size a fresh server (gunicorn, 2 workers, SQLite, local blobs) receives every
 update over HTTP from a spawned load process, then `fcp-server worker --once` closes the round
-in a process of its own. Peak RSS is the kernel's high-water mark: VmHWM of each gunicorn
-worker (read before they stop) and ru_maxrss of the worker process (from wait4). Memory must
-not grow with the number of clients: updates are validated and stored one at a time and the
-round close holds one update plus the running sums.
+in a process of its own. Peak RSS is the kernel's high-water mark (VmHWM): of each gunicorn
+worker (read before they stop) and of the worker process (read by itself at exit). Not the
+child's ru_maxrss from wait4: Python spawns with vfork, and at exec Linux folds the borrowed
+parent's peak RSS into the child's ru_maxrss, so it reported the benchmark runner's own peak
+(4.7 GiB after B1/B2), not the worker's. Memory must not grow with the number of clients:
+updates are validated and stored one at a time and the round close holds one update plus the
+running sums.
 """
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -23,18 +25,33 @@ from tools.benchmarks.figures import Figure
 POP = "bench_rss"
 
 
+# Runs `fcp-server worker --once` in this interpreter and writes its own VmHWM (in KiB) to
+# the file named by argv[1] at exit, whatever the exit status.
+_REPORT_PEAK = """
+import atexit, pathlib, runpy, sys
+out = pathlib.Path(sys.argv[1])
+def report():
+    status = pathlib.Path("/proc/self/status").read_text().splitlines()
+    out.write_text(next(x.split()[1] for x in status if x.startswith("VmHWM:")))
+atexit.register(report)
+sys.argv = ["fcp-server", "worker", "--once"]
+runpy.run_module("fcp_server.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def _close_round_peak(env: dict[str, str], log: pathlib.Path) -> int:
     """Runs one worker tick in a child process; returns its peak RSS in bytes."""
-    cmd = [sys.executable, "-m", "fcp_server.cli", "worker", "--once"]
+    peak_file = log.with_suffix(".peak")
+    cmd = [sys.executable, "-c", _REPORT_PEAK, str(peak_file)]
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, cwd=servers.ROOT, env=env, stdout=out, stderr=out)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+        returncode = subprocess.run(
+            cmd, cwd=servers.ROOT, env=env, stdout=out, stderr=out
+        ).returncode
+    if returncode != 0:
         raise RuntimeError(f"worker --once failed; log:\n{log.read_text()[-2000:]}")
     if "'rounds_closed': 1" not in log.read_text():
         raise RuntimeError(f"worker --once closed no round; log:\n{log.read_text()[-2000:]}")
-    return int(usage.ru_maxrss) * 1024  # Linux reports KiB
+    return int(peak_file.read_text()) * 1024  # VmHWM is in KiB
 
 
 def measure(shapes: workload.Shapes, n: int) -> tuple[int, int]:
@@ -98,6 +115,6 @@ def run(quick: bool) -> list[Figure]:
             "round close",
             close_large,
             close_small,
-            "ru_maxrss of `fcp-server worker --once` (its own process)",
+            "VmHWM of `fcp-server worker --once` (its own process, read at its exit)",
         ),
     ]
