@@ -19,7 +19,7 @@ import re
 import uuid
 
 import numpy as np
-from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy import bindparam, delete, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -171,6 +171,9 @@ def _insert_assignment(session: Session, values: dict[str, object]) -> bool:
     return session.execute(inserted).first() is not None
 
 
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
+
+
 def _take_slot(
     session: Session, rnd: Round, version_code: str, device_key: str | None, now: dt.datetime
 ) -> Assignment | None:
@@ -204,6 +207,12 @@ def _take_slot(
             "reason": "",
         },
     )
+    if session.get_bind().dialect.name == "postgresql":
+        # The round row stays locked until the commit, so its fsync would serialize every
+        # check-in of the round. An assignment lost in a crash costs nothing but a retry (its
+        # report and upload are refused, and uploads commit synchronously), so this
+        # transaction alone commits without waiting for the WAL flush.
+        session.execute(_ASYNC_COMMIT)
     # The capacity check that counts: a conditional UPDATE, atomic under concurrency.
     if transitions.claim_slot(session, rnd.id):
         return Assignment(**values)  # detached: the row is written, callers only read it
