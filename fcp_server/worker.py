@@ -12,6 +12,7 @@ import logging
 import threading
 
 from fcp_server.services import maintenance, round_close
+from fcp_server.storage import availability
 
 _LOG = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class Worker:
 
     def __init__(self, deps: round_close.Deps) -> None:
         self._deps = deps
+        # Claims an outage kept this worker from releasing: round pk -> claim (see
+        # `round_close.ClaimNotReleased`); retried every tick until the database answers.
+        self._unreleased: dict[int, int] = {}
 
     def tick(self) -> TickReport:
         """One pass over every background duty; each step in its own transaction."""
@@ -49,13 +53,25 @@ class Worker:
             recovered = maintenance.recover_stale_applies(session, now=now, settings=settings)
         with deps.database.sessions() as session, session.begin():
             started = maintenance.schedule_eval_rounds(session, blobs=deps.blobs, now=now)
-        closed = sum(
-            round_close.close_round(deps, pk) for pk in round_close.aggregating_rounds(deps)
-        )
+        closed = self._close_rounds()
         report = TickReport(expired, leftovers, rounds_expired, recovered, started, closed)
         if report != TickReport():
             _LOG.info("worker tick: %s", dataclasses.asdict(report))
         return report
+
+    def _close_rounds(self) -> int:
+        deps = self._deps
+        for round_pk, claim in list(self._unreleased.items()):
+            round_close.release(deps, round_pk, claim, reason="released after the outage")
+            del self._unreleased[round_pk]
+        closed = 0
+        for round_pk in round_close.aggregating_rounds(deps):
+            try:
+                closed += round_close.close_round(deps, round_pk)
+            except round_close.ClaimNotReleased as e:
+                self._unreleased[e.round_pk] = e.claim
+                raise
+        return closed
 
     def run(self, stop: threading.Event) -> None:
         """Ticks every `worker_interval_seconds` until `stop` is set.
@@ -67,6 +83,14 @@ class Worker:
         while not stop.is_set():
             try:
                 self.tick()
+            except (round_close.ClaimNotReleased, *availability.DEPENDENCY_ERRORS) as e:
+                # An outage, not a bug: one line per tick instead of a traceback.
+                cause = e.__cause__ if isinstance(e, round_close.ClaimNotReleased) else e
+                _LOG.warning(
+                    "worker tick stopped: the %s is unavailable (%s)",
+                    availability.unavailable_dependency(cause or e) or "database",
+                    e,
+                )
             except Exception:  # keep the loop alive; CAS makes retries safe
                 _LOG.exception("worker tick failed")
             stop.wait(interval)

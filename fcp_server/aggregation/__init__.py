@@ -12,7 +12,6 @@ the metrics (`metrics`). Follows TFF 0.87's `build_unweighted_fed_avg` with the
 from fcp_server.aggregation.accumulator import AddResult, RoundAccumulator
 from fcp_server.aggregation.dp import make_noise_rng
 from fcp_server.aggregation.fedavg import RoundOutcome, finalize_evaluation, finalize_round
-from fcp_server.aggregation.queries import UnsupportedAggregation
 from fcp_server.aggregation.state import ClientUpdate, ModelWeights, ServerState
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "RoundAccumulator",
     "RoundOutcome",
     "ServerState",
-    "UnsupportedAggregation",
     "finalize_evaluation",
     "finalize_round",
     "make_noise_rng",

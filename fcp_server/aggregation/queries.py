@@ -43,20 +43,11 @@ __all__ = [
     "FixedGaussianQuery",
     "QueryResult",
     "TreeAggregationQuery",
-    "UnsupportedAggregation",
     "UnweightedMeanQuery",
     "make_query",
 ]
 
 _DpType = task_builder_pb2.DpAggregator
-
-
-class UnsupportedAggregation(NotImplementedError):
-    """The plan asks for a DP aggregator this server does not implement.
-
-    Every `DpAggregator` value is implemented now; kept so callers that refuse such plans
-    keep working if the enum grows.
-    """
 
 
 @dataclasses.dataclass(frozen=True)

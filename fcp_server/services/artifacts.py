@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from sqlalchemy.orm import Session
 
 from fcp_server import checkpoints, errors
-from fcp_server.aggregation import RoundAccumulator, ServerState, UnsupportedAggregation
+from fcp_server.aggregation import RoundAccumulator, ServerState
 from fcp_server.protos import plan_pb2, task_builder_pb2
 from fcp_server.services import blob_paths, dp_budget, tasks
 from fcp_server.storage.blobs import BlobNotFound, BlobStore
@@ -85,8 +85,6 @@ def parse_server_plan(data: bytes, task: Task) -> plan_pb2.ServerPlan:
         RoundAccumulator(plan)  # validates the aggregation, optimizer and metric specs
         if task.kind == TaskKind.TRAINING:
             dp_budget.dp_setup(plan)  # and that its DP settings can be accounted
-    except UnsupportedAggregation as e:
-        raise errors.BadRequest(f"server_phase: {e}") from e
     except ValueError as e:
         raise errors.BadRequest(f"server_phase is invalid: {e}") from e
     return plan

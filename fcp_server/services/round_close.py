@@ -8,6 +8,8 @@ The stages, each its own step so a crash anywhere leaves a recoverable state:
            into `RoundAccumulator` (memory independent of the number of devices), then
            `finalize_round` (noise from an OS-seeded generator, fixed denominator, server
            optimizer) - TFF's `build_unweighted_fed_avg` next_fn, McMahan et al. 2017/2018;
+           the result is staged once (`round_outputs`): a re-run of the close publishes the
+           staged result, never a second, differently noised one;
 3. publish the server checkpoint, client checkpoint and flat JSON metrics at the ODP paths,
            before the round is marked COMPLETED, so a COMPLETED round always has outputs;
 4. commit  APPLYING -> COMPLETED (only for the same claim), metric rows, epsilon spent, and the
@@ -16,12 +18,12 @@ The stages, each its own step so a crash anywhere leaves a recoverable state:
 Evaluation rounds sum and finalize the devices' metric state only (TFF `build_fed_eval`) and
 record which training round they evaluated. Expected failures (bad blob, bad plan) release
 the claim for a bounded number of retries (`rounds.fail_apply`); a crashed worker's claim is
-recovered by `maintenance.recover_stale_applies`.
+recovered by `maintenance.recover_stale_applies`. An unavailable database or blob store
+(`storage.availability`) releases the claim without counting the attempt
+(`rounds.release_uncounted`), so the round resumes when the dependency returns.
 """
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -29,21 +31,21 @@ from collections.abc import Callable
 import numpy as np
 from sqlalchemy import select
 
-from fcp_server import checkpoints
+from fcp_server import checkpoints, fault_points
 from fcp_server.aggregation import (
     RoundAccumulator,
     ServerState,
-    UnsupportedAggregation,
     finalize_evaluation,
     finalize_round,
 )
 from fcp_server.clock import Clock
 from fcp_server.observability import ServerMetrics
 from fcp_server.protos import plan_pb2
-from fcp_server.services import blob_paths, dp_budget, eval_rounds, rounds, uploads
+from fcp_server.services import blob_paths, dp_budget, eval_rounds, round_outputs, rounds, uploads
 from fcp_server.services.plan_cache import PlanCache
+from fcp_server.services.round_outputs import Outputs
 from fcp_server.settings import ServerSettings
-from fcp_server.storage import transitions
+from fcp_server.storage import availability, transitions
 from fcp_server.storage.blobs import BlobStore, BlobStoreError
 from fcp_server.storage.db import Database
 from fcp_server.storage.models import (
@@ -58,18 +60,20 @@ from fcp_server.storage.models import (
 
 _LOG = logging.getLogger(__name__)
 # Failures of a round's own data or plan: retried a bounded number of times, then FAILED.
-_EXPECTED_ERRORS = (checkpoints.CheckpointError, BlobStoreError, UnsupportedAggregation, ValueError)
+_EXPECTED_ERRORS = (checkpoints.CheckpointError, BlobStoreError, ValueError)
 
 
-@dataclasses.dataclass(frozen=True)
-class Outputs:
-    """What a closed round publishes."""
+class ClaimNotReleased(Exception):
+    """A dependency outage interrupted a close, and the database refused the release too.
 
-    server_checkpoint: bytes | None
-    client_checkpoint: bytes | None
-    metrics: dict[str, float]
-    budget_exhausted: bool
-    epsilon: float | None
+    The worker keeps (`round_pk`, `claim`) and retries `release` on its next ticks, so the
+    round need not wait for the aggregation lease to expire.
+    """
+
+    def __init__(self, round_pk: int, claim: int) -> None:
+        super().__init__(f"round {round_pk}: claim {claim} could not be released yet")
+        self.round_pk = round_pk
+        self.claim = claim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,11 +187,6 @@ def _evaluate(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> 
     return Outputs(None, None, values, budget_exhausted=False, epsilon=None)
 
 
-def _metrics_json(values: dict[str, float]) -> bytes:
-    finite = {k: v for k, v in sorted(values.items()) if math.isfinite(v)}
-    return json.dumps(finite, sort_keys=True).encode()
-
-
 def _still_claimed(deps: Deps, round_pk: int, claim: int) -> bool:
     with deps.database.sessions() as session:
         row = session.execute(
@@ -196,21 +195,22 @@ def _still_claimed(deps: Deps, round_pk: int, claim: int) -> bool:
     return (row.status, row.apply_attempts) == (RoundStatus.APPLYING, claim)
 
 
-def _publish(deps: Deps, task: Task, rnd: Round, out: Outputs) -> str | None:
-    pop, tid, n = task.population_name, task.task_id, rnd.iteration_id
-    digest = None
-    if out.server_checkpoint is not None and out.client_checkpoint is not None:
-        deps.blobs.put(blob_paths.server_checkpoint_blob(pop, tid, n), out.server_checkpoint)
-        deps.blobs.put(
-            blob_paths.client_checkpoint_blob(pop, tid, n), out.client_checkpoint, gzip=True
-        )
-        digest = hashlib.sha256(out.client_checkpoint).hexdigest()
-    deps.blobs.put(
-        blob_paths.metrics_blob(pop, tid, n),
-        _metrics_json(out.metrics),
-        content_type="application/json",
-    )
-    return digest
+def _outputs(deps: Deps, task: Task, rnd: Round, claim: int) -> Outputs | None:
+    """The round's staged outputs: an earlier run's if any, else computed and staged now."""
+    staged = blob_paths.staged_outputs_blob(task.population_name, task.task_id, rnd.iteration_id)
+    earlier = round_outputs.load_staged(deps.blobs, staged)
+    if earlier is not None:
+        _LOG.info("round %s claim %d republishes the staged outputs", rnd.id, claim)
+        return earlier
+    plan = deps.plans.server_plan(deps.blobs, task, deps.settings.max_artifact_bytes)
+    compute = _train if task.kind == TaskKind.TRAINING else _evaluate
+    out = compute(deps, task, rnd, plan)
+    fault_points.hit("close.after_compute")
+    if not _still_claimed(deps, rnd.id, claim):
+        return None  # taken over: this run's noise is never written anywhere
+    out = round_outputs.stage_once(deps.blobs, staged, out)
+    fault_points.hit("close.after_stage")
+    return out
 
 
 def _commit(deps: Deps, rnd: Round, claim: int, out: Outputs, digest: str | None) -> bool:
@@ -254,11 +254,38 @@ def close_round(deps: Deps, round_pk: int) -> bool:
     if claimed is None:
         return False
     rnd, task, claim = claimed
+    fault_points.hit("close.after_claim")
     try:
-        plan = deps.plans.server_plan(deps.blobs, task, deps.settings.max_artifact_bytes)
-        compute = _train if task.kind == TaskKind.TRAINING else _evaluate
-        out = compute(deps, task, rnd, plan)
-    except _EXPECTED_ERRORS as e:
+        return _finish(deps, rnd, task, claim)
+    except availability.DEPENDENCY_ERRORS as e:
+        _LOG.warning(
+            "round %s aggregation attempt %d paused: the %s is unavailable (%s); retrying later",
+            rnd.id,
+            claim,
+            availability.unavailable_dependency(e),
+            e,
+        )
+        try:
+            release(deps, rnd.id, claim, reason=str(e)[:500])
+        except availability.DEPENDENCY_ERRORS as still_down:
+            raise ClaimNotReleased(rnd.id, claim) from still_down
+        return False
+
+
+def release(deps: Deps, round_pk: int, claim: int, *, reason: str) -> bool:
+    """Releases an interrupted claim without counting it (`rounds.release_uncounted`)."""
+    with deps.database.sessions() as session, session.begin():
+        return rounds.release_uncounted(
+            session=session, round_pk=round_pk, claim=claim, now=deps.clock.now(), reason=reason
+        )
+
+
+def _finish(deps: Deps, rnd: Round, task: Task, claim: int) -> bool:
+    try:
+        out = _outputs(deps, task, rnd, claim)
+    except availability.DEPENDENCY_ERRORS:
+        raise  # an outage, not the round's fault: released uncounted by the caller
+    except _EXPECTED_ERRORS as e:  # StagedOutputsCorrupt is a ValueError
         _LOG.warning("round %s aggregation attempt %d failed: %s", rnd.id, claim, e)
         with deps.database.sessions() as session, session.begin():
             rounds.fail_apply(
@@ -271,11 +298,14 @@ def close_round(deps: Deps, round_pk: int) -> bool:
                 claim=claim,
             )
         return False
-    if not _still_claimed(deps, rnd.id, claim):
+    if out is None or not _still_claimed(deps, rnd.id, claim):
         _LOG.warning("round %s claim %d was taken over; outputs not published", rnd.id, claim)
         return False
-    digest = _publish(deps, task, rnd, out)
+    digest = round_outputs.publish(
+        deps.blobs, (task.population_name, task.task_id, rnd.iteration_id), out
+    )
     done = _commit(deps, rnd, claim, out, digest)
+    fault_points.hit("close.after_commit")
     if done and deps.metrics is not None:
         elapsed = (deps.clock.now() - rnd.created_at).total_seconds()
         deps.metrics.round_duration.observe(max(elapsed, 0.0), task.population_name)

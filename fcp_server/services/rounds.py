@@ -5,7 +5,8 @@ a compare-and-swap (see `storage.transitions`). Unlike the reference, a round ca
 stuck: a COLLECTING round past its deadline is retried as a new attempt (the same iteration,
 uploads of the expired attempt discarded so exactly report_goal fresh updates are aggregated)
 and after `max_round_attempts` the task fails; an aggregation that errors or whose worker died
-is retried `max_apply_attempts` times, then the round and task fail.
+is retried `max_apply_attempts` times, then the round and task fail. An aggregation stopped by
+an unavailable database or blob store is retried without counting (`release_uncounted`).
 
 Training round N starts from result N-1 ({pop}/{task}/{N-1}/d/0/client_checkpoint) and
 publishes result N. Opening a task is `task_open`; evaluation rounds are started by
@@ -210,3 +211,26 @@ def fail_apply(
         reason=f"round {rnd.iteration_id} aggregation failed: {reason}",
     )
     return True
+
+
+def release_uncounted(
+    *, session: Session, round_pk: int, claim: int, now: dt.datetime, reason: str
+) -> bool:
+    """Gives an interrupted aggregation claim back without counting it as an attempt.
+
+    For an attempt stopped by an unavailable dependency (`storage.availability`), not by the
+    round's own data: the round goes back to AGGREGATING with `apply_attempts` as before the
+    claim, so an outage of any length never fails the task. Only the holder of `claim` can
+    release it (the CAS also checks `apply_attempts == claim`). Returns False if the claim
+    was no longer held.
+    """
+    return transitions.move_round(
+        session,
+        round_pk,
+        RoundStatus.APPLYING,
+        RoundStatus.AGGREGATING,
+        now=now,
+        reason=f"claim {claim} interrupted, not counted: {reason}"[:2000],
+        apply_claim=claim,
+        apply_attempts=claim - 1,
+    )

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import BinaryIO, Final
 from urllib.parse import unquote, urlsplit
 
+from fcp_server import fault_points
+
 DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 # GCS's own limit on an object name in UTF-8 bytes; a bucket prefix uses part of it.
 MAX_NAME_BYTES: Final = 1024
@@ -454,6 +456,8 @@ class LocalBlobStore(BlobStore):
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
+                f.flush()
+                fault_points.hit("blob.partial_write")  # a crash here leaves a half temp file
                 f.write(stored)
                 f.flush()
                 os.fsync(f.fileno())

@@ -81,7 +81,8 @@ class GcsBlobStore(blobs.BlobStore):
         Args:
             bucket: The bucket name.
             prefix: Object-name prefix for this store ("" for the bucket root).
-            timeout_s: Timeout of each HTTP request; the library's default retry applies.
+            timeout_s: Timeout of each HTTP request, and the budget for retrying one call
+                after transient errors (the library's retry policy, not its 120 s default).
             client: A `google.cloud.storage.Client`; by default one is built from the
                 environment (`STORAGE_EMULATOR_HOST` selects an emulator).
 
@@ -100,7 +101,13 @@ class GcsBlobStore(blobs.BlobStore):
         from google.api_core import exceptions as api_exceptions
         from google.auth import exceptions as auth_exceptions
         from google.cloud.storage import exceptions as storage_exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY
         from requests import exceptions as requests_exceptions
+
+        # The library retries transient errors for up to 120 s by default; a request served
+        # to a device must fail cleanly (503) or succeed well within the web server's own
+        # timeout, so all retries of one call share the per-request timeout as their budget.
+        self._retry: Any = DEFAULT_RETRY.with_timeout(self._timeout)
 
         self._not_found: type[Exception] = api_exceptions.NotFound
         self._precondition_failed: type[Exception] = api_exceptions.PreconditionFailed
@@ -156,6 +163,7 @@ class GcsBlobStore(blobs.BlobStore):
             stored,
             content_type=ctype,
             timeout=self._timeout,
+            retry=self._retry,
             if_generation_match=0 if create_only else None,
         )
         return blob
@@ -199,7 +207,7 @@ class GcsBlobStore(blobs.BlobStore):
     def _fetch_metadata(self, name: str) -> Any:
         object_name = self._object_name(name)
         with self._errors(f"read metadata of blob {name!r}"):
-            blob = self._bucket.get_blob(object_name, timeout=self._timeout)
+            blob = self._bucket.get_blob(object_name, timeout=self._timeout, retry=self._retry)
         if blob is None:
             raise blobs.BlobNotFound(f"no blob named {name!r} in gs://{self._bucket_name}")
         return blob
@@ -231,7 +239,10 @@ class GcsBlobStore(blobs.BlobStore):
         try:
             with self._errors(f"download blob {name!r}"):
                 data = blob.download_as_bytes(
-                    raw_download=True, if_generation_match=generation, timeout=self._timeout
+                    raw_download=True,
+                    if_generation_match=generation,
+                    timeout=self._timeout,
+                    retry=self._retry,
                 )
         except blobs.BlobBackendError as e:
             if isinstance(e.__cause__, (self._not_found, self._precondition_failed)):
@@ -244,7 +255,9 @@ class GcsBlobStore(blobs.BlobStore):
         # preconditions; a generation that is the same after the download proves on any server
         # that the bytes belong to the metadata (every write gets a new generation).
         with self._errors(f"read metadata of blob {name!r}"):
-            after = self._bucket.get_blob(self._object_name(name), timeout=self._timeout)
+            after = self._bucket.get_blob(
+                self._object_name(name), timeout=self._timeout, retry=self._retry
+            )
         return after is not None and after.generation == generation
 
     def stat(self, name: str) -> blobs.BlobInfo:
@@ -255,14 +268,15 @@ class GcsBlobStore(blobs.BlobStore):
         """See `BlobStore.exists`."""
         object_name = self._object_name(name)
         with self._errors(f"check blob {name!r}"):
-            return bool(self._bucket.blob(object_name).exists(timeout=self._timeout))
+            blob = self._bucket.blob(object_name)
+            return bool(blob.exists(timeout=self._timeout, retry=self._retry))
 
     def delete(self, name: str) -> bool:
         """See `BlobStore.delete`."""
         object_name = self._object_name(name)
         try:
             with self._errors(f"delete blob {name!r}"):
-                self._bucket.blob(object_name).delete(timeout=self._timeout)
+                self._bucket.blob(object_name).delete(timeout=self._timeout, retry=self._retry)
         except blobs.BlobBackendError as e:
             if isinstance(e.__cause__, self._not_found):
                 return False
@@ -276,7 +290,7 @@ class GcsBlobStore(blobs.BlobStore):
         names = []
         with self._errors(f"list blobs under {prefix!r}"):
             for blob in self._client.list_blobs(
-                self._bucket, prefix=root + prefix, timeout=self._timeout
+                self._bucket, prefix=root + prefix, timeout=self._timeout, retry=self._retry
             ):
                 name = blob.name[len(root) :]
                 try:
