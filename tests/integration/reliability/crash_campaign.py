@@ -31,7 +31,8 @@ from fcp_server.protos import plan_pb2, task_builder_pb2
 from fcp_server.services import blob_paths
 from fcp_server.settings import ServerSettings
 from fcp_server.storage import db as fcp_db
-from fcp_server.storage.blobs import BlobNotFound, LocalBlobStore
+from fcp_server.storage.blobs import BlobNotFound
+from fcp_server.storage.blobs_local import LocalBlobStore
 from fcp_server.storage.models import Round, RoundStatus, Task, TaskStatus
 from tests.integration.reliability import http_devices
 from tests.integration.reliability.server_processes import WEB, WORKER, ServerProcesses

@@ -26,7 +26,7 @@ from fcp_server import checkpoints
 from fcp_server.protos import plan_pb2
 from fcp_server.services import blob_paths, round_outputs
 from fcp_server.storage import db as fcp_db
-from fcp_server.storage.blobs import LocalBlobStore
+from fcp_server.storage.blobs_local import LocalBlobStore
 from fcp_server.storage.models import Assignment, AssignmentStatus, Round, RoundStatus, Task
 from tests.integration.reliability import http_devices
 from tests.integration.reliability.crash_campaign import Config, Result, dp_plan

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fcp_server.storage import blobs, blobs_gcs
+from fcp_server.storage import blobs, blobs_gcs, blobs_local
 from fcp_server.storage.blobs import (
     BlobCorrupt,
     BlobNotFound,
@@ -340,7 +340,7 @@ class TestMakeBlobStore:
     def test_file_url_with_escaped_characters(self, tmp_path):
         root = tmp_path / "with space"
         store = blobs.make_blob_store(root.as_uri())
-        assert isinstance(store, blobs.LocalBlobStore)
+        assert isinstance(store, blobs_local.LocalBlobStore)
         assert store.root == Path(root)
         assert root.is_dir()
 
