@@ -140,20 +140,18 @@ def run(quick: bool) -> list[Figure]:
     config = _config(goal, rounds)
     with tempfile.TemporaryDirectory(prefix="fcp-b7-") as tmp:
         root = pathlib.Path(tmp)
-        try:
-            model_dir = save_models.save_example("digits_cnn", root / "models")
-            built = plans.build_plans(
-                model_loading.load_model(str(model_dir)),
-                config,
-                skip_dp_aggregator=False,
-                skip_flex_ops_check=False,
-            )
-            training = built.training
-            if training is None or training.initial_checkpoint is None:
-                raise RuntimeError("the builder made no training plan or initial checkpoint")
-            theirs_s = _tff_seconds(model_dir, config, devices, rounds)
-        finally:
-            tff_runtime.reap_tff_workers()
+        # The worker_binary is ended at exit (install_reaper); see b2_tff_aggregation.
+        model_dir = save_models.save_example("digits_cnn", root / "models")
+        built = plans.build_plans(
+            model_loading.load_model(str(model_dir)),
+            config,
+            skip_dp_aggregator=False,
+            skip_flex_ops_check=False,
+        )
+        training = built.training
+        if training is None or training.initial_checkpoint is None:
+            raise RuntimeError("the builder made no training plan or initial checkpoint")
+        theirs_s = _tff_seconds(model_dir, config, devices, rounds)
         env = {
             **servers.server_env(servers.sqlite_database(root), root / "blobs"),
             "FCP_WORKER_INTERVAL_SECONDS": "0.1",
