@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 
-from fcp_server.services import maintenance, round_close
+from fcp_server.services import maintenance, rate_limits, round_close
 from fcp_server.storage import availability
 
 _LOG = logging.getLogger(__name__)
@@ -53,6 +53,11 @@ class Worker:
             recovered = maintenance.recover_stale_applies(session, now=now, settings=settings)
         with deps.database.sessions() as session, session.begin():
             started = maintenance.schedule_eval_rounds(session, blobs=deps.blobs, now=now)
+        if settings.rate_limit_requests:
+            with deps.database.sessions() as session, session.begin():
+                rate_limits.prune(
+                    session, now=now, window_seconds=settings.rate_limit_window_seconds
+                )
         closed = self._close_rounds()
         report = TickReport(expired, leftovers, rounds_expired, recovered, started, closed)
         if report != TickReport():

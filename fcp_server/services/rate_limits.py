@@ -6,8 +6,8 @@ alike), so every gunicorn worker and host draws on the same budget; a counter in
 memory would give each worker a budget of its own. A fixed window lets a caller make up to
 twice the limit across a window boundary, the usual price of its simplicity. The first
 request of a new window deletes the caller's older rows, so the table holds about one row per
-active caller. Callers are device tokens (their SHA-256, never the token) or, without device
-auth, client addresses.
+active caller; the worker's `prune` removes the rows of callers that stopped calling. Callers
+are device tokens (their SHA-256, never the token) or, without device auth, client addresses.
 """
 
 import dataclasses
@@ -96,3 +96,16 @@ def hit(
     return Decision(
         allowed=count <= limit, count=count, retry_after=seconds_left(epoch, window_seconds)
     )
+
+
+def prune(session: Session, *, now: dt.datetime, window_seconds: int) -> int:
+    """Deletes every counter of a window that ended before the previous one began.
+
+    Returns:
+        The number of rows deleted.
+    """
+    oldest_kept = window_start(now.timestamp(), window_seconds) - window_seconds
+    result = session.execute(
+        delete(RateLimitCounter).where(RateLimitCounter.window_start < oldest_kept)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

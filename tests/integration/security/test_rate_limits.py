@@ -96,6 +96,43 @@ def test_old_windows_are_dropped(make_app, clock):
         assert session.scalar(select(func.count()).select_from(RateLimitCounter)) == 1
 
 
+def test_the_worker_prunes_the_counters_of_callers_that_stopped_calling(make_app, clock):
+    from fcp_server.aggregation import make_noise_rng
+    from fcp_server.services.plan_cache import PlanCache
+    from fcp_server.services.round_close import Deps
+    from fcp_server.worker import Worker
+
+    app = _limited(make_app)
+    ctx = app.extensions["fcp"]
+    tokens = issue_tokens(app, clock, 3)
+    for token in tokens:  # three callers, each once, then silence
+        device(app, token).checkin()
+    worker = Worker(
+        Deps(
+            database=ctx.database,
+            blobs=ctx.blobs,
+            clock=ctx.clock,
+            settings=ctx.settings,
+            plans=PlanCache(),
+            rng_factory=make_noise_rng,
+            metrics=ctx.metrics,
+        )
+    )
+
+    def rows() -> int:
+        with ctx.database.sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(RateLimitCounter)))
+
+    worker.tick()
+    assert rows() == 3  # the current window is kept
+    clock.advance(WINDOW)
+    worker.tick()
+    assert rows() == 3  # and so is the previous one
+    clock.advance(WINDOW)
+    worker.tick()
+    assert rows() == 0
+
+
 def test_without_device_auth_callers_are_limited_by_address(make_app, clock):
     app = make_app(rate_limit_requests=LIMIT, rate_limit_window_seconds=WINDOW)
     api = testkit.Api(app.test_client())
