@@ -80,7 +80,8 @@ def create_app(
     ctx = context.ServerContext(
         settings=settings,
         database=database,
-        blobs=blobs or make_blob_store(settings.resolved_blob_url),
+        blobs=blobs
+        or make_blob_store(settings.resolved_blob_url, timeout_s=settings.blob_timeout_seconds),
         clock=clock or SystemClock(),
         authenticator=authenticator,
         metrics=observability.ServerMetrics(),

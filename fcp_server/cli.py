@@ -75,7 +75,7 @@ def _worker(settings: ServerSettings, once: bool) -> int:
     database = db.connect(settings.database_url)
     deps = Deps(
         database=database,
-        blobs=make_blob_store(settings.resolved_blob_url),
+        blobs=make_blob_store(settings.resolved_blob_url, timeout_s=settings.blob_timeout_seconds),
         clock=SystemClock(),
         settings=settings,
         plans=PlanCache(),

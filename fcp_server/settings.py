@@ -66,6 +66,9 @@ class ServerSettings:
     # per window, counted in the database so every web worker shares it; 0 = no limit (demo).
     rate_limit_requests: int = 0
     rate_limit_window_seconds: int = 60
+    # Total time one blob-store call may take, retries included (GCS; local disk ignores it):
+    # a hung store then fails the request with 503 instead of holding it.
+    blob_timeout_seconds: float = 30.0
     # "json" for structured one-line logs, "text" for people.
     log_format: str = "json"
     log_level: str = "INFO"
@@ -94,6 +97,7 @@ class ServerSettings:
             "FCP_MAX_ARTIFACT_BYTES": self.max_artifact_bytes,
             "FCP_TOKEN_TTL_DAYS": self.token_ttl_days,
             "FCP_RATE_LIMIT_WINDOW_SECONDS": self.rate_limit_window_seconds,
+            "FCP_BLOB_TIMEOUT_SECONDS": self.blob_timeout_seconds,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -136,6 +140,7 @@ class ServerSettings:
                 source, "FCP_RATE_LIMIT_REQUESTS", PRODUCTION_RATE_LIMIT if production else 0
             ),
             rate_limit_window_seconds=_int(source, "FCP_RATE_LIMIT_WINDOW_SECONDS", 60),
+            blob_timeout_seconds=_float(source, "FCP_BLOB_TIMEOUT_SECONDS", 30.0),
             log_format=source.get("FCP_LOG_FORMAT", "json").strip().lower(),
             log_level=source.get("FCP_LOG_LEVEL", "INFO").strip().upper(),
         )

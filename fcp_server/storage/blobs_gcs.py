@@ -300,6 +300,11 @@ class GcsBlobStore(blobs.BlobStore):
                     _LOG.warning("skipping object %r: not a valid blob name", blob.name)
         return sorted(names)
 
+    @property
+    def timeout_s(self) -> float:
+        """Per-request timeout, also the retry budget of one call."""
+        return self._timeout
+
     def close(self) -> None:
         """Closes the client's HTTP session."""
         self._client.close()

@@ -313,6 +313,26 @@ class TestGcsBlobStore:
         finally:
             store.close()
 
+    def test_the_server_bounds_blob_calls_by_its_setting(self, gcs_emulator, monkeypatch, tmp_path):
+        from fcp_server.app import create_app
+        from fcp_server.settings import ServerSettings
+
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.host)
+        settings = ServerSettings.from_env(
+            {
+                "FCP_DATABASE_URL": f"sqlite:///{tmp_path / 'fcp.db'}",
+                "FCP_BLOB_URL": f"gs://{gcs_emulator.bucket}/timeouts",
+                "FCP_BLOB_TIMEOUT_SECONDS": "4.5",
+                "FCP_EMBEDDED_WORKER": "false",
+            }
+        )
+        store = create_app(settings).extensions["fcp"].blobs
+        try:
+            assert isinstance(store, blobs_gcs.GcsBlobStore)
+            assert store.timeout_s == 4.5
+        finally:
+            store.close()
+
     def test_prefixes_isolate_stores_in_one_bucket(self, gcs_emulator, monkeypatch):
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.host)
         one = blobs.make_blob_store(f"gs://{gcs_emulator.bucket}/iso/p")
