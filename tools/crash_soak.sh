@@ -8,10 +8,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-if [ ! -x .venv/bin/pytest ]; then
-  echo "crash_soak: no .venv yet; run tools/bootstrap.sh (or tools/check.sh) first" >&2
-  exit 2
-fi
+tools/bootstrap.sh  # creates or reuses .venv (a no-op when it is up to date)
 repeats="${1:-10}"
 args=(tests/integration/reliability/test_crash_recovery.py -s -q -p no:cacheprovider)
 if [ -n "${2:-}" ]; then

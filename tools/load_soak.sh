@@ -6,15 +6,12 @@
 #   tools/load_soak.sh                                   2000 devices, 200 rounds
 #   FCP_LOAD_ROUNDS=500 FCP_LOAD_TIME_SCALE=0.5 tools/load_soak.sh
 #   tools/load_soak.sh --basetemp=/tmp/soak              keep the logs and blobs of the run
-# Needs .venv (tools/check.sh or tools/bootstrap.sh creates it) and PostgreSQL on
+# Creates .venv if needed (tools/bootstrap.sh); needs PostgreSQL on
 # FCP_TEST_PG_HOST:FCP_TEST_PG_PORT (default 127.0.0.1:5432).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-if [ ! -x .venv/bin/pytest ]; then
-  echo "load_soak: .venv is missing; run tools/bootstrap.sh first" >&2
-  exit 2
-fi
+tools/bootstrap.sh  # creates or reuses .venv (a no-op when it is up to date)
 export FCP_LOAD_DEVICES="${FCP_LOAD_DEVICES:-2000}"
 export FCP_LOAD_ROUNDS="${FCP_LOAD_ROUNDS:-200}"
 export FCP_LOAD_TIME_LIMIT="${FCP_LOAD_TIME_LIMIT:-14400}"
