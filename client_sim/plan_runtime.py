@@ -12,6 +12,7 @@ tf.clip_by_global_norm); the server clips again regardless.
 """
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,25 +98,33 @@ def clip_global_norm(tensors: Sequence[Array], clip: float) -> tuple[list[Array]
 
 
 class _Interpreters:
-    """Per-process cache of TFLite interpreters keyed by the program's hash."""
+    """Per-thread cache of TFLite interpreters keyed by the program's hash.
+
+    A TFLite interpreter is not thread-safe: two threads invoking one interpreter corrupt its
+    buffers (seen as a process abort when a fleet ran plans inline in several session
+    threads), so every thread keeps interpreters of its own.
+    """
 
     def __init__(self) -> None:
-        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._local = threading.local()
 
     def get(self, tflite_model: bytes) -> Any:
+        cache: OrderedDict[str, Any] | None = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = OrderedDict()
         key = hashlib.sha256(tflite_model).hexdigest()
-        if key not in self._cache:
+        if key not in cache:
             import tensorflow as tf
 
             try:
                 interp = tf.lite.Interpreter(model_content=tflite_model)
             except ValueError as e:
                 raise PlanError(f"invalid TFLite program: {e}") from e
-            self._cache[key] = interp
-            while len(self._cache) > _INTERPRETER_CACHE:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return self._cache[key]
+            cache[key] = interp
+            while len(cache) > _INTERPRETER_CACHE:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
 
 
 _INTERPRETERS = _Interpreters()

@@ -85,3 +85,22 @@ def test_unusable_examples_and_checkpoints_are_refused(digits_plans):
         plan_runtime.run_plan(plan, digits_plans.training.initial_checkpoint, bad)
     with pytest.raises(plan_runtime.PlanError, match="checkpoint"):
         plan_runtime.run_plan(plan, b"not a checkpoint", bad)
+
+
+def test_plans_run_in_parallel_threads_give_the_sequential_results(digits_plans):
+    # Session threads run plans inline when a fleet has no compute processes; a TFLite
+    # interpreter shared between threads corrupts its buffers (wrong updates or an abort).
+    import concurrent.futures
+
+    rng = np.random.default_rng(5)
+    source = data_sources.load_digits_source(rng)
+    devices = data_sources.assign_devices(source, 8, partitioning.parse_partition("iid"), rng)
+    plan = digits_plans.training.client_plan
+    checkpoint = digits_plans.training.initial_checkpoint
+    jobs = [d.records("train") for d in devices if d.records("train")] * 6
+    expected = [plan_runtime.run_plan(plan, checkpoint, r).update for r in jobs]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda r: plan_runtime.run_plan(plan, checkpoint, r).update, jobs))
+
+    assert got == expected
