@@ -15,8 +15,9 @@ FcpError                       500 INTERNAL
 │   └── AlreadyExists          409 ALREADY_EXISTS     one active task per population and kind
 ├── PayloadTooLarge            413 OUT_OF_RANGE       body above the configured bound
 ├── UnsupportedMediaType       415 INVALID_ARGUMENT   content type or encoding not accepted
-├── TooManyRequests            429 RESOURCE_EXHAUSTED rate limit hit; carries Retry-After
-└── ServiceUnavailable         503 UNAVAILABLE        database or blob store down; Retry-After
+└── RetryLater                 (abstract)             carries Retry-After
+    ├── TooManyRequests        429 RESOURCE_EXHAUSTED rate limit hit
+    └── ServiceUnavailable     503 UNAVAILABLE        database or blob store down
 
 An unavailable dependency raised by the storage layer (`storage.availability`: a dropped
 database connection, a blob store timeout) is answered as ServiceUnavailable, never as 500:
@@ -103,26 +104,26 @@ class UnsupportedMediaType(FcpError):
     status_name = "INVALID_ARGUMENT"
 
 
-class TooManyRequests(FcpError):
-    """The caller exceeded its request rate; `retry_after` seconds until it may call again."""
+class RetryLater(FcpError):
+    """An error the caller should retry after `retry_after` seconds (sent as Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+class TooManyRequests(RetryLater):
+    """The caller exceeded its request rate."""
 
     http_status = 429
     status_name = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, retry_after)
 
-
-class ServiceUnavailable(FcpError):
-    """A dependency (database, blob store) is down; `retry_after` seconds until a retry."""
+class ServiceUnavailable(RetryLater):
+    """A dependency (database, blob store) is down."""
 
     http_status = 503
     status_name = "UNAVAILABLE"
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, retry_after)
 
 
 # What a 503 for an unavailable dependency asks the caller to wait (devices also back off).
@@ -134,13 +135,17 @@ def error_body(code: int, status: str, message: str) -> dict[str, dict[str, int 
     return {"error": {"code": code, "status": status, "message": message}}
 
 
+def _respond(error: FcpError) -> tuple[Response, int]:
+    response = jsonify(error_body(error.http_status, error.status_name, error.message))
+    if isinstance(error, RetryLater):
+        response.headers["Retry-After"] = str(error.retry_after)  # RFC 9110 section 10.2.3
+    return response, error.http_status
+
+
 def _render_fcp_error(error: FcpError) -> tuple[Response, int]:
     if error.http_status >= 500:
         _LOG.error("server error: %s", error.message)
-    response = jsonify(error_body(error.http_status, error.status_name, error.message))
-    if isinstance(error, TooManyRequests | ServiceUnavailable):
-        response.headers["Retry-After"] = str(error.retry_after)  # RFC 9110 section 10.2.3
-    return response, error.http_status
+    return _respond(error)
 
 
 def _render_http_exception(error: HTTPException) -> tuple[Response, int]:
@@ -156,9 +161,7 @@ def _render_unavailable(error: Exception) -> tuple[Response, int]:
         f"the {dependency} is temporarily unavailable; retry the request later",
         retry_after=DEPENDENCY_RETRY_AFTER_SECONDS,
     )
-    response = jsonify(error_body(503, unavailable.status_name, unavailable.message))
-    response.headers["Retry-After"] = str(unavailable.retry_after)
-    return response, 503
+    return _respond(unavailable)
 
 
 def _render_unexpected(error: Exception) -> tuple[Response, int]:
