@@ -19,7 +19,6 @@ The adaptive and tree queries carry state across rounds in `ServerState.aggregat
 """
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,7 +27,10 @@ from fcp_server.aggregation import dp
 from fcp_server.aggregation.adaptive_clipping import AdaptiveGaussianQuery, AdaptiveParams
 from fcp_server.aggregation.query_types import (
     AggregationQuery,
+    FixedClip,
     QueryResult,
+    check_non_negative,
+    check_positive,
     check_records,
     dp_facts,
 )
@@ -87,7 +89,7 @@ class UnweightedMeanQuery:
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedGaussianQuery:
+class FixedGaussianQuery(FixedClip):
     """Gaussian sum query with a fixed clip and a fixed denominator (TFF `gaussian_fixed`)."""
 
     noise_multiplier: float
@@ -96,25 +98,12 @@ class FixedGaussianQuery:
 
     def __post_init__(self) -> None:
         """Validates the parameters like TFF's `gaussian_fixed` does."""
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0.0):
-            raise ValueError(
-                "FIXED_GAUSSIAN needs a non-negative `noise_multiplier`, "
-                f"found {self.noise_multiplier}."
-            )
-        if not (math.isfinite(self.clip) and self.clip > 0.0):
-            raise ValueError(f"FIXED_GAUSSIAN needs a positive `clip_norm`, found {self.clip}.")
+        check_non_negative(self.noise_multiplier, "noise_multiplier", "FIXED_GAUSSIAN")
+        check_positive(self.clip, "clip_norm", "FIXED_GAUSSIAN")
         if self.clients_per_round <= 0:
             raise ValueError(
                 f"FIXED_GAUSSIAN needs `clients_per_round` > 0, found {self.clients_per_round}."
             )
-
-    def record_clip(self) -> float | None:
-        """Returns the fixed L2 clip C."""
-        return self.clip
-
-    def quantile_threshold(self) -> float | None:
-        """Returns None: the clip is fixed."""
-        return None
 
     def finalize(
         self,

@@ -60,6 +60,20 @@ class AggregationQuery(Protocol):
         ...
 
 
+class FixedClip:
+    """The bounding of queries whose clip C does not adapt: clip every record to C."""
+
+    clip: float
+
+    def record_clip(self) -> float | None:
+        """Returns the fixed L2 clip C."""
+        return self.clip
+
+    def quantile_threshold(self) -> float | None:
+        """Returns None: nothing is counted, the clip is fixed."""
+        return None
+
+
 def dp_facts(z: float, clip: float, std_of_mean: float, denominator: float) -> dict[str, float]:
     """Returns the DP measurements every DP query reports (keys under "dp/")."""
     return {

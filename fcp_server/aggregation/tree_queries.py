@@ -29,6 +29,7 @@ from fcp_server.aggregation import quantile_estimation as qe
 from fcp_server.aggregation import tree_noise
 from fcp_server.aggregation.adaptive_clipping import AdaptiveParams, read_scalar
 from fcp_server.aggregation.query_types import (
+    FixedClip,
     QueryResult,
     check_non_negative,
     check_positive,
@@ -62,7 +63,7 @@ def _noised_residual(
 
 
 @dataclasses.dataclass(frozen=True)
-class TreeAggregationQuery:
+class TreeAggregationQuery(FixedClip):
     """One round of `TreeResidualSumQuery` (efficient tree) normalized by clients_per_round."""
 
     noise_multiplier: float
@@ -83,14 +84,6 @@ class TreeAggregationQuery:
     ) -> "TreeAggregationQuery":
         """Builds the round's query from the tree carried in the aggregator state."""
         return cls(z, clip, clients_per_round, tree_noise.from_state(state, VALUE_TREE))
-
-    def record_clip(self) -> float | None:
-        """Returns the fixed clip C."""
-        return self.clip
-
-    def quantile_threshold(self) -> float | None:
-        """Returns None: the clip does not adapt."""
-        return None
 
     def finalize(
         self,
