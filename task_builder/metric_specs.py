@@ -12,6 +12,7 @@ enforces on each device's numerator before summing.
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,97 +54,64 @@ _AUC_ORDER = (0, 2, 1, 3)
 _UNIT = _Range.UNIT_INTERVAL
 _NON_NEGATIVE = _Range.NON_NEGATIVE
 
-ALLOWLIST: dict[str, MetricKind] = {
-    "auc-roc": MetricKind(lambda: _K.AUC(name="auc-roc"), _Finalizer.AUC_ROC, _AUC_ORDER, True),
-    "auc-pr": MetricKind(
-        lambda: _K.AUC(curve="PR", name="auc-pr"), _Finalizer.AUC_PR, _AUC_ORDER, True
-    ),
-    "accuracy": MetricKind(
-        lambda: _K.Accuracy(name="accuracy"), _Finalizer.RATIO, bounded=True, value_range=_UNIT
-    ),
-    "binary_accuracy": MetricKind(
-        lambda: _K.BinaryAccuracy(name="binary_accuracy"),
-        _Finalizer.RATIO,
-        bounded=True,
-        value_range=_UNIT,
-    ),
-    "binary_crossentropy": MetricKind(
-        lambda: _K.BinaryCrossentropy(name="binary_crossentropy"),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "binary_crossentropy_from_logits": MetricKind(
-        lambda: _K.BinaryCrossentropy(from_logits=True, name="binary_crossentropy_from_logits"),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "categorical_accuracy": MetricKind(
-        lambda: _K.CategoricalAccuracy(name="categorical_accuracy"),
-        _Finalizer.RATIO,
-        bounded=True,
-        value_range=_UNIT,
-    ),
-    "categorical_crossentropy": MetricKind(
-        lambda: _K.CategoricalCrossentropy(name="categorical_crossentropy"),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "categorical_crossentropy_from_logits": MetricKind(
-        lambda: _K.CategoricalCrossentropy(
-            from_logits=True, name="categorical_crossentropy_from_logits"
+
+def _keras(
+    cls: Callable[..., tf.keras.metrics.Metric], name: str, **kwargs: object
+) -> Callable[[], tf.keras.metrics.Metric]:
+    return functools.partial(cls, name=name, **kwargs)
+
+
+def _share(name: str, cls: Callable[..., tf.keras.metrics.Metric]) -> tuple[str, MetricKind]:
+    # A share of examples (the accuracies): in [0, 1], each example adds at most one.
+    return name, MetricKind(_keras(cls, name), _Finalizer.RATIO, bounded=True, value_range=_UNIT)
+
+
+def _mean_loss(
+    name: str,
+    cls: Callable[..., tf.keras.metrics.Metric],
+    finalizer: int = _Finalizer.RATIO,
+    **kwargs: object,
+) -> tuple[str, MetricKind]:
+    # A mean of a non-negative per-example loss or error.
+    return name, MetricKind(_keras(cls, name, **kwargs), finalizer, value_range=_NON_NEGATIVE)
+
+
+ALLOWLIST: dict[str, MetricKind] = dict(
+    [
+        ("auc-roc", MetricKind(_keras(_K.AUC, "auc-roc"), _Finalizer.AUC_ROC, _AUC_ORDER, True)),
+        (
+            "auc-pr",
+            MetricKind(_keras(_K.AUC, "auc-pr", curve="PR"), _Finalizer.AUC_PR, _AUC_ORDER, True),
         ),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "mean": MetricKind(_mean_of_predictions, _Finalizer.RATIO),
-    "mean_absolute_error": MetricKind(
-        lambda: _K.MeanAbsoluteError(name="mean_absolute_error"),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "mean_absolute_percentage_error": MetricKind(
-        lambda: _K.MeanAbsolutePercentageError(name="mean_absolute_percentage_error"),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "mean_squared_error": MetricKind(
-        lambda: _K.MeanSquaredError(name="mean_squared_error"),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "mean_squared_logarithmic_error": MetricKind(
-        lambda: _K.MeanSquaredLogarithmicError(name="mean_squared_logarithmic_error"),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "precision": MetricKind(
-        lambda: _K.Precision(name="precision"), _Finalizer.PRECISION, (0, 1), True
-    ),
-    "recall": MetricKind(lambda: _K.Recall(name="recall"), _Finalizer.RECALL, (0, 1), True),
-    "root_mean_squared_error": MetricKind(
-        lambda: _K.RootMeanSquaredError(name="root_mean_squared_error"),
-        _Finalizer.SQRT_RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "sparse_categorical_accuracy": MetricKind(
-        lambda: _K.SparseCategoricalAccuracy(name="sparse_categorical_accuracy"),
-        _Finalizer.RATIO,
-        bounded=True,
-        value_range=_UNIT,
-    ),
-    "sparse_categorical_crossentropy": MetricKind(
-        lambda: _K.SparseCategoricalCrossentropy(name="sparse_categorical_crossentropy"),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-    "sparse_categorical_crossentropy_from_logits": MetricKind(
-        lambda: _K.SparseCategoricalCrossentropy(
-            from_logits=True, name="sparse_categorical_crossentropy_from_logits"
+        _share("accuracy", _K.Accuracy),
+        _share("binary_accuracy", _K.BinaryAccuracy),
+        _share("categorical_accuracy", _K.CategoricalAccuracy),
+        _share("sparse_categorical_accuracy", _K.SparseCategoricalAccuracy),
+        _mean_loss("binary_crossentropy", _K.BinaryCrossentropy),
+        _mean_loss("binary_crossentropy_from_logits", _K.BinaryCrossentropy, from_logits=True),
+        _mean_loss("categorical_crossentropy", _K.CategoricalCrossentropy),
+        _mean_loss(
+            "categorical_crossentropy_from_logits", _K.CategoricalCrossentropy, from_logits=True
         ),
-        _Finalizer.RATIO,
-        value_range=_NON_NEGATIVE,
-    ),
-}
+        _mean_loss("sparse_categorical_crossentropy", _K.SparseCategoricalCrossentropy),
+        _mean_loss(
+            "sparse_categorical_crossentropy_from_logits",
+            _K.SparseCategoricalCrossentropy,
+            from_logits=True,
+        ),
+        _mean_loss("mean_absolute_error", _K.MeanAbsoluteError),
+        _mean_loss("mean_absolute_percentage_error", _K.MeanAbsolutePercentageError),
+        _mean_loss("mean_squared_error", _K.MeanSquaredError),
+        _mean_loss("mean_squared_logarithmic_error", _K.MeanSquaredLogarithmicError),
+        _mean_loss("root_mean_squared_error", _K.RootMeanSquaredError, _Finalizer.SQRT_RATIO),
+        ("mean", MetricKind(_mean_of_predictions, _Finalizer.RATIO)),
+        (
+            "precision",
+            MetricKind(_keras(_K.Precision, "precision"), _Finalizer.PRECISION, (0, 1), True),
+        ),
+        ("recall", MetricKind(_keras(_K.Recall, "recall"), _Finalizer.RECALL, (0, 1), True)),
+    ]
+)
 
 
 def split_metric_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
