@@ -37,6 +37,8 @@ class Worker:
         # Claims an outage kept this worker from releasing: round pk -> claim (see
         # `round_close.ClaimNotReleased`); retried every tick until the database answers.
         self._unreleased: dict[int, int] = {}
+        # The rate-limit window whose stale counters this worker last pruned.
+        self._pruned_window: int | None = None
 
     def tick(self) -> TickReport:
         """One pass over every background duty; each step in its own transaction."""
@@ -53,11 +55,14 @@ class Worker:
             recovered = maintenance.recover_stale_applies(session, now=now, settings=settings)
         with deps.database.sessions() as session, session.begin():
             started = maintenance.schedule_eval_rounds(session, blobs=deps.blobs, now=now)
-        if settings.rate_limit_requests:
+        window = rate_limits.window_start(now.timestamp(), settings.rate_limit_window_seconds)
+        if settings.rate_limit_requests and window != self._pruned_window:
+            # Once per rate-limit window is enough: counters only expire when windows turn.
             with deps.database.sessions() as session, session.begin():
                 rate_limits.prune(
                     session, now=now, window_seconds=settings.rate_limit_window_seconds
                 )
+            self._pruned_window = window
         closed = self._close_rounds()
         report = TickReport(expired, leftovers, rounds_expired, recovered, started, closed)
         if report != TickReport():
