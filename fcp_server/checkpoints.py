@@ -13,16 +13,16 @@ tensors the plan expects, all finite: a NaN/Inf update is rejected at upload wit
 `InvalidUpdate`, and aggregation still zeroes and counts any that slip through (as TFF does).
 """
 
+import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
-import safetensors
 import safetensors.numpy
 
-from fcp_server.aggregation import optimizers
+from fcp_server.aggregation import optimizers, update_norms
 from fcp_server.aggregation.state import (
     ClientUpdate,
     MetadataValue,
@@ -90,7 +90,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _check_header(data: bytes, max_bytes: int) -> dict[str, str]:
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    """A checked safetensors header: where the data starts, the tensor entries, metadata."""
+
+    data_start: int
+    entries: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def _check_header(data: bytes, max_bytes: int) -> _Header:
     if len(data) > max_bytes:
         raise CheckpointError(f"Blob is {len(data)} bytes, the limit is {max_bytes}.")
     if len(data) < 8:
@@ -111,7 +120,24 @@ def _check_header(data: bytes, max_bytes: int) -> dict[str, str]:
         raise CheckpointError(f"Blob has {len(header)} tensors, the limit is {MAX_TENSORS}.")
     for name, info in header.items():
         _check_entry(name, info)
-    return metadata
+    _check_layout(header, len(data) - 8 - header_len)
+    return _Header(8 + header_len, header, metadata)
+
+
+def _check_layout(entries: Mapping[str, Any], data_len: int) -> None:
+    """The tensors must tile the data area exactly: no gap, no overlap, nothing after."""
+    end = 0
+    for begin, stop in sorted(tuple(info["data_offsets"]) for info in entries.values()):
+        if begin != end:
+            raise CheckpointError(
+                "Malformed safetensors data: tensor offsets overlap or leave a gap."
+            )
+        end = stop
+    if end != data_len:
+        raise CheckpointError(
+            f"Malformed safetensors data: the tensors cover {end} bytes of a {data_len}-byte "
+            "data area."
+        )
 
 
 def _check_entry(name: str, info: Any) -> None:
@@ -134,15 +160,27 @@ def _check_entry(name: str, info: Any) -> None:
 def decode_tensors(data: bytes, *, max_bytes: int) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Parses safetensors bytes after checking the header; returns (tensors, metadata).
 
+    The arrays are read-only views into `data` (no copy: an update is read at memory speed
+    by the aggregation). With `bytes` nothing can change them; a caller passing a mutable
+    buffer must not write to it while the tensors are in use.
+
     Raises:
         CheckpointError: If the blob is too large, truncated or malformed.
     """
-    metadata = _check_header(data, max_bytes)
-    try:
-        tensors = safetensors.numpy.load(data)
-    except safetensors.SafetensorError as e:
-        raise CheckpointError(f"Malformed safetensors data: {e}") from e
-    return dict(tensors), metadata
+    header = _check_header(data, max_bytes)
+    tensors = {}
+    for name, info in header.entries.items():
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+        flat = np.frombuffer(
+            data,
+            dtype=dtype,
+            count=(end - begin) // dtype.itemsize,
+            offset=header.data_start + begin,
+        )
+        flat.flags.writeable = False  # also for a view of a mutable buffer
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors, header.metadata
 
 
 def _dtype(spec: plan_pb2.TensorSpec) -> np.dtype[Any]:
@@ -181,7 +219,11 @@ def update_specs(plan: plan_pb2.ServerPlan) -> dict[str, Spec]:
 
 
 def _check_tensors(
-    tensors: Mapping[str, Tensor], specs: Mapping[str, Spec], error: type[CheckpointError]
+    tensors: Mapping[str, Tensor],
+    specs: Mapping[str, Spec],
+    error: type[CheckpointError],
+    *,
+    finite_checked: Collection[str] = (),
 ) -> None:
     missing = sorted(set(specs) - set(tensors))
     if missing:
@@ -195,8 +237,13 @@ def _check_tensors(
             raise error(
                 f"Tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}."
             )
-        if np.issubdtype(t.dtype, np.inexact) and not np.all(np.isfinite(t)):
-            raise error(f"Tensor {name!r} has NaN or infinite values.")
+        if name not in finite_checked:
+            _check_finite(name, t, error)
+
+
+def _check_finite(name: str, t: Tensor, error: type[CheckpointError]) -> None:
+    if np.issubdtype(t.dtype, np.inexact) and not np.all(np.isfinite(t)):
+        raise error(f"Tensor {name!r} has NaN or infinite values.")
 
 
 def decode_update(
@@ -222,20 +269,31 @@ def decode_update(
         tensors, _ = decode_tensors(data, max_bytes=max_bytes)
     except CheckpointError as e:
         raise InvalidUpdate(str(e)) from e
-    _check_tensors(tensors, update_specs(plan), InvalidUpdate)
+    evaluation = plan.kind == plan_pb2.PlanKind.EVALUATION
+    names = [f"trainable/{i}" for i in range(0 if evaluation else len(plan.model.trainable))]
+    # The trainable tensors' finiteness comes with their sum of squares (one pass over the
+    # update instead of two); the aggregation then reuses that sum for clipping.
+    _check_tensors(tensors, update_specs(plan), InvalidUpdate, finite_checked=names)
+    trainable = tuple(tensors[name] for name in names)
+    sum_of_squares = update_norms.sum_of_squares(trainable)
+    if math.isnan(sum_of_squares):
+        for name, t in zip(names, trainable, strict=True):
+            _check_finite(name, t, InvalidUpdate)
     num_examples = int(tensors[NUM_EXAMPLES])
     if not 0 <= num_examples <= max_num_examples:
         raise InvalidUpdate(
             f"Tensor 'num_examples' is {num_examples}, expected 0..{max_num_examples}."
         )
-    evaluation = plan.kind == plan_pb2.PlanKind.EVALUATION
-    num_trainable = 0 if evaluation else len(plan.model.trainable)
-    trainable = tuple(tensors[f"trainable/{i}"] for i in range(num_trainable))
     metric_states = {
         m.name: tuple(tensors[f"metric/{m.name}/{k}"] for k in range(len(m.state)))
         for m in plan.metrics
     }
-    return ClientUpdate(trainable=trainable, num_examples=num_examples, metrics=metric_states)
+    return ClientUpdate(
+        trainable=trainable,
+        num_examples=num_examples,
+        metrics=metric_states,
+        sum_of_squares=sum_of_squares,
+    )
 
 
 def encode_update(update: ClientUpdate) -> bytes:

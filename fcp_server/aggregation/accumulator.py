@@ -10,8 +10,8 @@ update at a time as uploads are read from the blob store:
 3. clipped on the server to the query's L2 bound whatever the device did, counting clipped
    records, and, for adaptive clipping, counting records whose norm is at most the query's
    quantile threshold (a zeroed record has norm 0, as TFF's zeroed values do);
-4. added to a float64 running sum. TFF sums in the tensors' dtype (float32); a float64 sum cast
-   once at the end is at least as accurate and differs from TFF only by float32 rounding.
+4. added to a running sum in the tensors' dtype (float32), as TFF's `federated_sum` does; the
+   norm and the clipped add are `update_norms`' kernels (one memory pass each).
 
 Zeroed records still count as records, as in TFF. Metric state is summed alongside, after
 per-device clamping (see `metrics.clamp_state`). For an EVALUATION plan only metric state is
@@ -20,41 +20,13 @@ accumulated (`fedavg.finalize_evaluation`).
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
-from fcp_server.aggregation import dp, metrics, queries
-from fcp_server.aggregation.state import ClientUpdate, Tensor, Tensors, all_finite
+from fcp_server.aggregation import dp, metrics, queries, update_norms
+from fcp_server.aggregation.state import ClientUpdate, Tensor, Tensors
 from fcp_server.protos import plan_pb2
-
-# Elements per chunk of the float64 passes (2 MiB of float64): big enough to amortise numpy's
-# per-call cost, small enough that no full-size float64 copy of a large tensor is made.
-_CHUNK = 1 << 18
-
-
-def _sum_of_squares(tensors: Sequence[Tensor]) -> float:
-    """The float64 sum of squares of all elements (NaN/Inf propagate), chunk by chunk."""
-    total = 0.0
-    for t in tensors:
-        flat = t.reshape(-1)
-        for start in range(0, flat.size, _CHUNK):
-            chunk = flat[start : start + _CHUNK].astype(np.float64)
-            total += float(np.dot(chunk, chunk))
-    return total
-
-
-def _add_scaled(sums: Sequence[Tensor], tensors: Sequence[Tensor], scale: float | None) -> None:
-    """Adds the tensors (times `scale` when given) to the sums, in float64, in place."""
-    for total, t in zip(sums, tensors, strict=True):
-        # Explicit float64 chunks: numpy's own mixed-dtype `total += t` casts in small
-        # buffers and is about 3x slower.
-        flat_total, flat = total.reshape(-1), t.reshape(-1)
-        for start in range(0, flat.size, _CHUNK):
-            chunk = flat[start : start + _CHUNK].astype(np.float64)
-            if scale is not None:
-                chunk *= scale
-            flat_total[start : start + _CHUNK] += chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +41,7 @@ class AddResult:
 
 
 class RoundAccumulator:
-    """Running sums of one round; holds one float64 array per tensor, never the updates."""
+    """Running sums of one round; holds one sum array per tensor, never the updates."""
 
     def __init__(
         self,
@@ -100,7 +72,10 @@ class RoundAccumulator:
         if not (math.isfinite(self._zeroing_norm) and self._zeroing_norm >= 0.0):
             raise ValueError(f"zeroing_norm must be >= 0, found {self._zeroing_norm}.")
         self._shapes = [] if evaluation else [tuple(t.shape) for t in plan.model.trainable]
-        self._sum = [np.zeros(s, dtype=np.float64) for s in self._shapes]
+        self._sum = [
+            np.zeros(tuple(t.shape), dtype=update_norms.sum_dtype(np.dtype(t.dtype)))
+            for t in ([] if evaluation else plan.model.trainable)
+        ]
         self._metric_specs = {m.name: m for m in plan.metrics}
         for spec in plan.metrics:
             metrics.validate_metric_spec(spec)
@@ -129,12 +104,10 @@ class RoundAccumulator:
         """
         self._check_shapes(update)
         tensors = update.trainable
-        norm = math.sqrt(_sum_of_squares(tensors))
-        # A NaN/Inf element makes the sum of squares non-finite (float32 squares cannot
-        # overflow float64), so the full finiteness scan only runs when the sum says so.
-        non_finite = not math.isfinite(norm) and not all_finite(tensors)
-        if non_finite:
-            norm = float("nan")
+        # NaN exactly when an element is NaN/Inf: the norm doubles as the finiteness scan.
+        squares = update.sum_of_squares
+        norm = math.sqrt(update_norms.sum_of_squares(tensors) if squares is None else squares)
+        non_finite = math.isnan(norm)
         zeroed = clipped = False
         if not non_finite and self._zeroing_norm > 0.0:
             zeroed = dp.global_linf_norm(tensors) > self._zeroing_norm
@@ -148,7 +121,7 @@ class RoundAccumulator:
             self.below_threshold_count += int(effective_norm <= self._threshold)
         if not (non_finite or zeroed):  # a zeroed record adds zeros: nothing to do
             scale = self._clip / norm if clipped and self._clip is not None else None
-            _add_scaled(self._sum, tensors, scale)
+            update_norms.add_scaled(self._sum, tensors, scale)
         self._add_metrics(update)
         self.num_updates += 1
         self.num_examples += metrics.bounded_examples(update.num_examples)
@@ -189,8 +162,11 @@ class RoundAccumulator:
         return None if self._threshold is None else self.below_threshold_count
 
     def update_sum(self) -> Tensors:
-        """Returns a copy of the sum of the processed updates (float64)."""
-        return tuple(t.copy() for t in self._sum)
+        """Returns the sum of the processed updates as float64 copies.
+
+        The queries add the noise and divide in float64.
+        """
+        return tuple(t.astype(np.float64) for t in self._sum)
 
     def metric_sums(self) -> dict[str, metrics.FloatArray]:
         """Returns copies of the summed, flattened metric states by metric name."""

@@ -149,8 +149,10 @@ def add_gaussian_noise(tensors: Sequence[Tensor], std: float, rng: np.random.Gen
     for t in tensors:
         if not np.issubdtype(t.dtype, np.floating):
             raise ValueError(f"Gaussian noise needs floating tensors, found dtype {t.dtype}.")
+        # The float64 noise array takes the sum in place: no float64 copy of the tensor.
         noise = rng.normal(loc=0.0, scale=std, size=t.shape)
-        noised.append((t.astype(np.float64) + noise).astype(t.dtype))
+        noise += t
+        noised.append(noise.astype(t.dtype, copy=False))
     return tuple(noised)
 
 

@@ -84,7 +84,8 @@ def finalize_round(
     if plan.kind == plan_pb2.PlanKind.EVALUATION:
         raise ValueError("An EVALUATION plan has no model update; use finalize_evaluation.")
     weights = server_state.weights.trainable
-    _check_same_shapes(acc.update_sum(), weights)
+    total = acc.update_sum()
+    _check_same_shapes(total, weights)
     expected = plan.aggregation.clients_per_round
     dp_query = not isinstance(acc.query, queries.UnweightedMeanQuery)
     if dp_query and acc.num_updates != expected:
@@ -92,9 +93,7 @@ def finalize_round(
         _LOG.warning("Aggregating %d updates, the plan expects %d.", acc.num_updates, expected)
     # 1. Aggregate: noise and the fixed denominator (plus the next aggregator state), or the
     #    plain mean.
-    result = acc.query.finalize(
-        acc.update_sum(), acc.num_updates, rng, below_threshold=acc.below_threshold()
-    )
+    result = acc.query.finalize(total, acc.num_updates, rng, below_threshold=acc.below_threshold())
     with np.errstate(over="ignore"):  # An overflow becomes inf and is rejected below.
         mean_update = tuple(m.astype(w.dtype) for m, w in zip(result.mean, weights, strict=True))
     # 2. Finalizer: server optimizer step, unless the aggregate is not finite.

@@ -29,11 +29,15 @@ class ClientUpdate:
             gradient).
         num_examples: How many examples the device trained on.
         metrics: Metric name -> that device's metric state tensors, in MetricSpec.state order.
+        sum_of_squares: The trainable tensors' sum of squares as the server's own decoding
+            computed it (`update_norms.sum_of_squares`, a by-product of the finiteness check),
+            reused for clipping; None to compute it when aggregated. Never a device's claim.
     """
 
     trainable: Tensors
     num_examples: int
     metrics: Mapping[str, Tensors]
+    sum_of_squares: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,18 @@ def test_update_round_trip():
         (_raw({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "size"),
         (_raw({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}), "offsets"),
         (_raw({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}), "Malformed"),
+        (_raw({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8), "gap"),
+        (_raw({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "cover"),
+        (
+            _raw(
+                {
+                    "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "y": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                },
+                b"\0" * 8,
+            ),
+            "overlap",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -72,6 +84,17 @@ def test_malformed_blobs_are_rejected(data, match):
     # Each case breaks one header rule (see the match string).
     with pytest.raises(checkpoints.CheckpointError, match=match):
         checkpoints.decode_tensors(data, max_bytes=MAX)
+
+
+def test_decoded_tensors_are_read_only_views_of_the_blob():
+    data = checkpoints.encode_update(constant_update(0.25))
+    update = checkpoints.decode_update(data, make_plan(), max_bytes=MAX)
+    for t in update.trainable:
+        # No copy: the array's memory is the blob's; bytes are immutable, so is the view.
+        assert np.shares_memory(t, np.frombuffer(data, np.uint8))
+        assert not t.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            t[...] = 0.0
 
 
 def test_oversized_and_truncated_updates_are_invalid():

@@ -2,10 +2,11 @@
 
 Ours is the round close's compute stage exactly as `services.round_close._train` runs it,
 minus the blob store read (B5 covers that): for each of N updates `checkpoints.decode_update`
-(safetensors header, names, shapes, dtypes, finiteness) then `RoundAccumulator.add` (zeroing
-checks, L2 clip, float64 running sum), then `finalize_round` (Gaussian noise, the fixed
-denominator and the server SGD step). The baseline adds the same float32 arrays in place into
-float32 sums, the least work any aggregator must do: one read of every update.
+(safetensors header, names, shapes, dtypes, finiteness with the squared norm) then
+`RoundAccumulator.add` (zeroing checks, L2 clip, float32 BLAS running sum), then
+`finalize_round` (float64 Gaussian noise, the fixed denominator and the server SGD step).
+The baseline adds the same float32 arrays in place into float32 sums, the least work any
+aggregator must do: one read of every update.
 """
 
 import dataclasses
@@ -106,7 +107,7 @@ def run(quick: bool) -> list[Figure]:
                 target=0.5,
                 direction="higher",
                 notes="both in the runner process, one core each in turn; best of "
-                f"{repeats}; ours includes decode_update validation, clip, float64 sum, "
+                f"{repeats}; ours includes decode_update validation, clip, float32 sum, "
                 "noise and server SGD",
             )
         )
