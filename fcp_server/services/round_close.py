@@ -114,18 +114,24 @@ def _claim(deps: Deps, round_pk: int) -> tuple[Round, Task, int] | None:
 
 
 def _update_ids(deps: Deps, rnd: Round) -> list[str]:
+    """The round's first `report_goal` acknowledged uploads, in aggregation order.
+
+    Which uploads count is decided by acknowledgement order. They are then added in the order
+    of their contents' SHA-256: the float32 running sum depends on the order of its terms, and
+    this way the aggregate is a function of the set of updates alone, not of the order they
+    arrived in or of their random assignment ids (equal digests are equal bytes).
+    """
     with deps.database.sessions() as session:
-        return list(
-            session.scalars(
-                select(Assignment.id)
-                .where(
-                    Assignment.round_pk == rnd.id,
-                    Assignment.status == AssignmentStatus.UPLOAD_COMPLETED,
-                )
-                .order_by(Assignment.status_changed_at, Assignment.id)
-                .limit(rnd.report_goal)
+        rows = session.execute(
+            select(Assignment.id, Assignment.upload_sha256)
+            .where(
+                Assignment.round_pk == rnd.id,
+                Assignment.status == AssignmentStatus.UPLOAD_COMPLETED,
             )
-        )
+            .order_by(Assignment.status_changed_at, Assignment.id)
+            .limit(rnd.report_goal)
+        ).all()
+    return [row.id for row in sorted(rows, key=lambda r: (r.upload_sha256 or "", r.id))]
 
 
 def _updates(deps: Deps, rnd: Round) -> list[str]:

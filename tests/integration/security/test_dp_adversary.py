@@ -195,3 +195,21 @@ def test_worlds_differ_only_through_the_adversary(api, ctx, seeded_worker):
     w0 = np.concatenate([np.ravel(t) for t in testkit.initial_weights()]).astype(np.float64)
     noiseless = w0 - np.sum(clipped, axis=0) / GOAL
     assert float(np.linalg.norm(a - noiseless)) > 1e-2
+
+
+def test_the_aggregate_does_not_depend_on_the_upload_order(api, ctx, seeded_worker):
+    """The float32 sum is added in content order: the same updates in another order give
+    bit-identical models (the twins above only show it for the same order)."""
+    plan = testkit.server_plan(
+        report_goal=GOAL, dp_type=Dp.FIXED_GAUSSIAN, noise_multiplier=1.0, clip_norm=CLIP
+    )
+    # Values whose float32 sums round differently in different orders.
+    updates = [(0.1, 0.3), (1e-4, 0.7), (0.2, 1e-3)]
+    for pop, order in (("order-a", updates), ("order-b", updates[::-1])):
+        api.open_training(testkit.training_task(report_goal=GOAL), plan=plan, pop=pop)
+        for d_w, d_b in order:
+            api.contribute(testkit.update_bytes(d_w, d_b), pop=pop)
+    assert seeded_worker.tick().rounds_closed == 2
+    np.testing.assert_array_equal(
+        _weights(ctx.blobs, plan, "order-a", 1), _weights(ctx.blobs, plan, "order-b", 1)
+    )
