@@ -5,7 +5,8 @@ section 2.6 step 4), which lets more than report_goal updates in. Here the uploa
 call that, in order: checks the assignment may upload (LOCAL_COMPLETED, round COLLECTING below
 its goal), decodes the body (bounded gzip) and validates it against the plan WITHOUT pickle
 (`checkpoints.decode_update`: names, shapes, dtypes, finiteness), writes the blob create-only
-at {pop}/{task}/{round}/d/{assignment}/gradient, then in one transaction moves the assignment
+at {pop}/{task}/{round}/d/{assignment}/gradient (the body is hashed once: the same SHA-256 goes
+into the blob header and the assignment row), then in one transaction moves the assignment
 LOCAL_COMPLETED -> UPLOAD_COMPLETED and increments the round's `reported_count` only while it
 is below report_goal; the upload that reaches the goal moves the round COLLECTING ->
 AGGREGATING. A rejected upload changes nothing; a retried identical upload is acknowledged
@@ -98,7 +99,9 @@ def _prepare(
     if assignment.status == AssignmentStatus.UPLOAD_COMPLETED:
         already = assignment.upload_sha256
     elif assignment.status == AssignmentStatus.LOCAL_COMPLETED:
-        late = _too_late(*_round_state(session, assignment.round_pk))
+        # `locate` read the round in this transaction (a fresh session): no second query.
+        rnd = found.round
+        late = _too_late(rnd.status, rnd.reported_count, rnd.report_goal)
         if late is not None:
             raise late
         already = None
@@ -122,32 +125,35 @@ def decode_body(body: bytes, content_encoding: str, max_bytes: int) -> bytes:
     raise errors.UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported (use gzip)")
 
 
-def _store_once(blobs: BlobStore, name: str, data: bytes) -> bool:
+def _store_once(blobs: BlobStore, name: str, data: bytes, digest: str) -> bool:
     """Create-only write; True if this call created the blob."""
-    if blobs.put_if_absent(name, data):
+    if blobs.put_if_absent(name, data, sha256=digest):
         return True
     if blobs.get(name) != data:
         raise errors.Conflict("a different update was already uploaded for this assignment")
     return False
 
 
+def _explain_lost_move(session: Session, assignment_id: str, digest: str) -> None:
+    """Returns if the assignment already holds this very upload; raises why it cannot take it."""
+    current = session.execute(
+        select(Assignment.status, Assignment.upload_sha256).where(Assignment.id == assignment_id)
+    ).one_or_none()
+    if current is None:
+        raise errors.NotFound(f"assignment {assignment_id} not found")
+    status, uploaded = current._tuple()
+    if status != AssignmentStatus.UPLOAD_COMPLETED:
+        raise errors.Conflict(f"assignment is {status.value}; upload refused")
+    if uploaded != digest:
+        raise errors.Conflict("a different update was already uploaded for this assignment")
+
+
 def _commit(
     session: Session, target: _Target, digest: str, size: int, now: dt.datetime
 ) -> UploadResult:
-    current = session.scalar(
-        select(Assignment)
-        .where(Assignment.id == target.assignment_id)
-        .execution_options(populate_existing=True)
-    )
-    if current is None:
-        raise errors.NotFound(f"assignment {target.assignment_id} not found")
-    if current.status == AssignmentStatus.UPLOAD_COMPLETED:
-        if current.upload_sha256 == digest:
-            return UploadResult(counted=False, closed_round=False)
-        raise errors.Conflict("a different update was already uploaded for this assignment")
     if not transitions.move_assignment(
         session,
-        current.id,
+        target.assignment_id,
         AssignmentStatus.LOCAL_COMPLETED,
         AssignmentStatus.UPLOAD_COMPLETED,
         now=now,
@@ -155,7 +161,9 @@ def _commit(
         upload_sha256=digest,
         upload_bytes=size,
     ):
-        raise errors.Conflict(f"assignment is {current.status.value}; upload refused")
+        # Rare: the assignment moved since `_prepare` (a concurrent retry, a timeout).
+        _explain_lost_move(session, target.assignment_id, digest)
+        return UploadResult(counted=False, closed_round=False)
     if not transitions.count_report(session, target.round_pk):
         late = _too_late(*_round_state(session, target.round_pk))
         raise late or errors.Conflict("the round no longer accepts updates")
@@ -214,7 +222,7 @@ def accept_upload(
         checkpoints.decode_update(data, update_plan(plan, target.task.kind), max_bytes=max_bytes)
     except checkpoints.InvalidUpdate as e:
         raise errors.InvalidUpload(f"update rejected: {e}") from e
-    created = _store_once(blobs, target.blob, data)
+    created = _store_once(blobs, target.blob, data, digest)
     fault_points.hit("upload.after_blob_write")
     try:
         with database.sessions() as session, session.begin():

@@ -41,6 +41,7 @@ MAX_SEGMENT_BYTES: Final = 200
 _MAX_URL_CHARS: Final = 2048
 _MAX_CONTENT_TYPE_CHARS: Final = 255
 _CONTENT_TYPE_RE: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(;[ -~]*)?")
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
 class BlobStoreError(Exception):
@@ -157,16 +158,27 @@ def check_content_type(content_type: object) -> str:
 # --- gzip and bounds (pure functions shared by the backends) ---------------------------------
 
 
-def encode_content(data: bytes, *, gzip: bool) -> tuple[bytes, str]:
+def check_sha256(sha256: object) -> str:
+    """Returns `sha256` if it is a lowercase hex SHA-256 digest, else raises ValueError."""
+    if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    return sha256
+
+
+def encode_content(data: bytes, *, gzip: bool, sha256: str | None = None) -> tuple[bytes, str]:
     """Returns the bytes to store for `data` and the hex SHA-256 of the uncompressed content.
 
-    Gzip output has mtime 0, so equal content always gives equal stored bytes (stable ETags).
+    `sha256`, when given, is the caller's digest of `data` and is used as is: uploads hash the
+    body once for their own record, and hashing megabytes again would cost as much as the
+    write. Gzip output has mtime 0, so equal content always gives equal stored bytes (stable
+    ETags).
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
-    content = bytes(data)
+    content = bytes(data)  # no copy for bytes
     stored = gzip_lib.compress(content, compresslevel=6, mtime=0) if gzip else content
-    return stored, hashlib.sha256(content).hexdigest()
+    digest = hashlib.sha256(content).hexdigest() if sha256 is None else check_sha256(sha256)
+    return stored, digest
 
 
 def check_max_bytes(max_bytes: int | None) -> None:
@@ -267,6 +279,7 @@ class BlobStore(abc.ABC):
         *,
         gzip: bool = False,
         content_type: str = DEFAULT_CONTENT_TYPE,
+        sha256: str | None = None,
     ) -> BlobInfo:
         """Stores `data` under `name`, replacing any blob (and its encoding) already there.
 
@@ -275,12 +288,14 @@ class BlobStore(abc.ABC):
             data: The uncompressed content.
             gzip: Store it gzip-compressed (`get` still returns it uncompressed).
             content_type: MIME type of the uncompressed content.
+            sha256: The hex SHA-256 of `data` if the caller has it (recorded, not recomputed).
 
         Returns:
             The new blob's metadata.
 
         Raises:
             InvalidBlobName: `name` breaks the naming rules.
+            ValueError: `sha256` is not 64 lowercase hex digits.
             BlobBackendError: The write failed; the previous content, if any, is kept.
         """
 
@@ -292,6 +307,7 @@ class BlobStore(abc.ABC):
         *,
         gzip: bool = False,
         content_type: str = DEFAULT_CONTENT_TYPE,
+        sha256: str | None = None,
     ) -> bool:
         """Creates `name` only if no blob has that name, so retried uploads are idempotent.
 
@@ -300,12 +316,14 @@ class BlobStore(abc.ABC):
             data: The uncompressed content.
             gzip: Store it gzip-compressed.
             content_type: MIME type of the uncompressed content.
+            sha256: The hex SHA-256 of `data` if the caller has it (recorded, not recomputed).
 
         Returns:
             True if this call created the blob; False if one existed (it is left unchanged).
 
         Raises:
             InvalidBlobName: `name` breaks the naming rules.
+            ValueError: `sha256` is not 64 lowercase hex digits.
             BlobBackendError: The write failed.
         """
 

@@ -150,11 +150,18 @@ class GcsBlobStore(blobs.BlobStore):
         )
 
     def _upload(
-        self, name: str, data: bytes, gzip: bool, content_type: str, *, create_only: bool
+        self,
+        name: str,
+        data: bytes,
+        gzip: bool,
+        content_type: str,
+        sha256: str | None,
+        *,
+        create_only: bool,
     ) -> Any:
         object_name = self._object_name(name)
         ctype = blobs.check_content_type(content_type)
-        stored, digest = blobs.encode_content(data, gzip=gzip)
+        stored, digest = blobs.encode_content(data, gzip=gzip, sha256=sha256)
         blob = self._bucket.blob(object_name)
         # Set explicitly (None included) so an overwrite never inherits the old encoding.
         blob.content_encoding = "gzip" if gzip else None
@@ -175,10 +182,11 @@ class GcsBlobStore(blobs.BlobStore):
         *,
         gzip: bool = False,
         content_type: str = blobs.DEFAULT_CONTENT_TYPE,
+        sha256: str | None = None,
     ) -> blobs.BlobInfo:
         """See `BlobStore.put`."""
         with self._errors(f"write blob {name!r}"):
-            blob = self._upload(name, data, gzip, content_type, create_only=False)
+            blob = self._upload(name, data, gzip, content_type, sha256, create_only=False)
         return self._info(name, blob)
 
     def put_if_absent(
@@ -188,6 +196,7 @@ class GcsBlobStore(blobs.BlobStore):
         *,
         gzip: bool = False,
         content_type: str = blobs.DEFAULT_CONTENT_TYPE,
+        sha256: str | None = None,
     ) -> bool:
         """See `BlobStore.put_if_absent` (and the module docstring about emulators)."""
         # The existence check also spares re-sending the bytes of a retried upload.
@@ -195,7 +204,7 @@ class GcsBlobStore(blobs.BlobStore):
             return False
         try:
             with self._errors(f"create blob {name!r}"):
-                self._upload(name, data, gzip, content_type, create_only=True)
+                self._upload(name, data, gzip, content_type, sha256, create_only=True)
         except blobs.BlobBackendError as e:
             # A retry of our own successful request also lands here; the blob then holds our
             # bytes, which is what the caller wanted either way.

@@ -109,11 +109,11 @@ class LocalBlobStore(BlobStore):
         return tmp
 
     def _prepare(
-        self, name: str, data: bytes, gzip: bool, content_type: str
+        self, name: str, data: bytes, gzip: bool, content_type: str, sha256: str | None
     ) -> tuple[Path, bytes, bytes, BlobInfo]:
         path = self._path(name)
         ctype = check_content_type(content_type)
-        stored, digest = encode_content(data, gzip=gzip)
+        stored, digest = encode_content(data, gzip=gzip, sha256=sha256)
         ct_bytes = ctype.encode("ascii")
         flags = _FLAG_GZIP if gzip else 0
         header = _HEADER.pack(_MAGIC, _VERSION, flags, len(ct_bytes), bytes.fromhex(digest))
@@ -127,9 +127,10 @@ class LocalBlobStore(BlobStore):
         *,
         gzip: bool = False,
         content_type: str = DEFAULT_CONTENT_TYPE,
+        sha256: str | None = None,
     ) -> BlobInfo:
         """See `BlobStore.put`."""
-        path, header, stored, info = self._prepare(name, data, gzip, content_type)
+        path, header, stored, info = self._prepare(name, data, gzip, content_type, sha256)
         try:
             tmp = self._write_temp(path.parent, header, stored)
             try:
@@ -149,9 +150,10 @@ class LocalBlobStore(BlobStore):
         *,
         gzip: bool = False,
         content_type: str = DEFAULT_CONTENT_TYPE,
+        sha256: str | None = None,
     ) -> bool:
         """See `BlobStore.put_if_absent`."""
-        path, header, stored, _ = self._prepare(name, data, gzip, content_type)
+        path, header, stored, _ = self._prepare(name, data, gzip, content_type, sha256)
         if path.exists():  # Cheap early exit for retried uploads; the link below decides.
             return False
         try:
