@@ -107,14 +107,15 @@ def create_task_assignment(pop: str) -> Response:
     body = wire.parse(task_assignments_pb2.CreateTaskAssignmentRequest)
     ctx, session = server(), db_session()
     gzip_ok = _GZIP in body.resource_capabilities.supported_compression_formats
-    with session.begin():
+    key = device_key()
+    with checkin.transaction(session, key):
         outcome = checkin.check_in(
             session=session,
             pop=pop,
             version_code=body.client_version.version_code,
             rng=ctx.rng_factory(),
             now=ctx.clock.now(),
-            device_key=device_key(),
+            device_key=key,
         )
         answer = task_assignments_pb2.CreateTaskAssignmentResponse()
         if isinstance(outcome, checkin.Rejection):

@@ -5,9 +5,14 @@ task_name `/population/{pop}/task/{task}`, self_uri, the plan and the client che
 the round's base result as Resources, and the task's EligibilityTaskInfo with
 `min_sep_policy.current_index` set to the round (iteration) id, which the device's
 minimum-separation check needs (odp-federated-compute.md sections 2.2 and 2.8).
+
+Everything but the assignment id, its self_uri and the report deadline is the same for every
+device of a round, so that part is built once per round and copied (parsing the task's info
+JSON on every check-in cost more than the rest of the answer).
 """
 
 import datetime as dt
+import functools
 
 from google.protobuf import json_format
 
@@ -16,6 +21,7 @@ from fcp_server.services import blob_paths
 from fcp_server.services.checkin import Assigned
 
 _GZIP = common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP
+_PLAIN = common_pb2.RESOURCE_COMPRESSION_FORMAT_UNSPECIFIED
 
 
 def eligibility_info(info_json: str, iteration_id: int) -> common_pb2.EligibilityTaskInfo:
@@ -31,32 +37,59 @@ def eligibility_info(info_json: str, iteration_id: int) -> common_pb2.Eligibilit
     return eligibility
 
 
+@functools.lru_cache(maxsize=256)
+def _round_part(
+    pop: str,
+    task_id: int,
+    iteration_id: int,
+    base_result_id: int,
+    plan_sha256: str,
+    checkpoint_sha256: str,
+    info_json: str,
+    gzip: bool,
+) -> task_assignments_pb2.TaskAssignment:
+    """The fields every assignment of one round shares (cached: never mutate the result)."""
+    compression = _GZIP if gzip else _PLAIN
+    return task_assignments_pb2.TaskAssignment(
+        population_name=pop,
+        task_id=str(task_id),
+        aggregation_id=str(iteration_id),
+        task_name=f"/population/{pop}/task/{task_id}",
+        plan=common_pb2.Resource(
+            uri=blob_paths.plan_download_url(pop, task_id),
+            client_cache_id=plan_sha256,
+            sha256_checksum=plan_sha256,
+            compression_format=compression,
+        ),
+        init_checkpoint=common_pb2.Resource(
+            uri=blob_paths.checkpoint_download_url(pop, task_id, base_result_id),
+            sha256_checksum=checkpoint_sha256,
+            compression_format=compression,
+        ),
+        eligibility_task_info=eligibility_info(info_json, iteration_id),
+    )
+
+
 def task_assignment(
     assigned: Assigned, *, gzip: bool, local_timeout: int
 ) -> task_assignments_pb2.TaskAssignment:
     """The device's TaskAssignment for a new assignment."""
-    task, rnd, assignment = assigned.task, assigned.round, assigned.assignment
-    pop, tid, n = task.population_name, task.task_id, rnd.iteration_id
-    compression = _GZIP if gzip else common_pb2.RESOURCE_COMPRESSION_FORMAT_UNSPECIFIED
-    proto = task_assignments_pb2.TaskAssignment(
-        population_name=pop,
-        task_id=str(tid),
-        aggregation_id=str(n),
-        assignment_id=assignment.id,
-        task_name=f"/population/{pop}/task/{tid}",
-        self_uri=blob_paths.assignment_path(pop, tid, n, assignment.id),
-        plan=common_pb2.Resource(
-            uri=blob_paths.plan_download_url(pop, tid),
-            client_cache_id=task.client_plan_sha256 or "",
-            sha256_checksum=task.client_plan_sha256 or "",
-            compression_format=compression,
-        ),
-        init_checkpoint=common_pb2.Resource(
-            uri=blob_paths.checkpoint_download_url(pop, tid, rnd.base_result_id),
-            sha256_checksum=rnd.client_checkpoint_sha256 or "",
-            compression_format=compression,
-        ),
-        eligibility_task_info=eligibility_info(task.info_json, n),
+    rnd = assigned.round
+    pop, tid, n = rnd.population_name, rnd.task_id, rnd.iteration_id
+    proto = task_assignments_pb2.TaskAssignment()
+    proto.CopyFrom(
+        _round_part(
+            pop,
+            tid,
+            n,
+            rnd.base_result_id,
+            rnd.client_plan_sha256 or "",
+            rnd.client_checkpoint_sha256 or "",
+            rnd.info_json,
+            gzip,
+        )
     )
-    proto.report_deadline.FromDatetime(assignment.created_at + dt.timedelta(seconds=local_timeout))
+    proto.assignment_id = assigned.assignment_id
+    proto.self_uri = blob_paths.assignment_path(pop, tid, n, assigned.assignment_id)
+    proto.report_deadline.FromDatetime(assigned.created_at + dt.timedelta(seconds=local_timeout))
     return proto

@@ -10,51 +10,143 @@ counted in a separate read and could over-assign), zero-weight rounds are never 
 authenticated device gets at most one assignment per round (a unique index on the round and the
 device's token hash, checked again under concurrency), so it cannot contribute twice; a round it
 already holds is rated ITERATION_FULL for it.
+
+Check-in is the server's hottest path, so it runs fixed SQL on the session's connection (no
+ORM entities): one read of the active rounds, then the slot claim (see `_take_slot`).
 """
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
 import re
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
-from sqlalchemy import bindparam, delete, insert, select, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Integer, String, bindparam, column, text
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import ColumnClause
 
 from fcp_server import errors
 from fcp_server.protos import common_pb2
-from fcp_server.storage import transitions
 from fcp_server.storage.models import (
     ACTIVE_ROUND_STATUSES,
-    Assignment,
     AssignmentStatus,
     EntityKind,
-    Round,
     RoundStatus,
-    StatusChange,
-    Task,
     TaskStatus,
+    UtcDateTime,
 )
 
 _VERSION_RE = re.compile(r"^[0-9]{1,18}$")
 _Reason = common_pb2.RejectionReason
-# The population's active rounds with their tasks, built once: constructing the statement
-# on every check-in cost about as much CPU as running it.
-_ACTIVE_ROUNDS = (
-    select(Round, Task)
-    .join(Task, Round.task_pk == Task.id)
-    .where(
-        Task.population_name == bindparam("pop"),
-        Task.status == TaskStatus.OPEN,
-        Round.status.in_(ACTIVE_ROUND_STATUSES),
-    )
-    .order_by(Round.id)
-)
 # Retry windows of ODP's server, seconds.
 SHORT_RETRY = (60, 300)
 LONG_RETRY = (86_400, 172_800)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenRound:
+    """An active round of the population with the fields of its task that check-in reads."""
+
+    round_pk: int
+    status: str  # a RoundStatus name, as stored
+    capacity: int
+    active_count: int
+    iteration_id: int
+    base_result_id: int
+    client_checkpoint_sha256: str | None
+    population_name: str
+    task_id: int
+    min_client_version: str
+    max_client_version: str
+    traffic_weight: int
+    client_plan_sha256: str | None
+    info_json: str
+
+
+def _names(statuses: tuple[enum.Enum, ...]) -> str:
+    return ", ".join(f"'{status.name}'" for status in statuses)
+
+
+def _result_columns(*names: str) -> list[ColumnClause[Any]]:
+    # Declared result columns let SQLAlchemy reuse the result metadata instead of rebuilding
+    # it from the cursor description on every execution.
+    return [column(name, Integer if name in _INT_COLUMNS else String) for name in names]
+
+
+_INT_COLUMNS = frozenset(
+    {"round_pk", "capacity", "active_count", "iteration_id", "base_result_id", "task_id"}
+    | {"traffic_weight", "claimed", "inserted"}
+)
+# Statuses are stored as enum names in VARCHARs, so the constants are written into the SQL.
+_ACTIVE_ROUNDS = text(
+    "SELECT r.id, r.status, r.capacity, r.active_count, r.iteration_id, r.base_result_id,"
+    " r.client_checkpoint_sha256, t.population_name, t.task_id, t.min_client_version,"
+    " t.max_client_version, t.traffic_weight, t.client_plan_sha256, t.info_json"
+    " FROM rounds AS r JOIN tasks AS t ON r.task_pk = t.id"
+    f" WHERE t.population_name = :pop AND t.status = '{TaskStatus.OPEN.name}'"
+    f" AND r.status IN ({_names(ACTIVE_ROUND_STATUSES)}) ORDER BY r.id"
+).columns(*_result_columns(*(field.name for field in dataclasses.fields(OpenRound))))
+_ROUNDS_HELD = (
+    text("SELECT round_pk FROM assignments WHERE device_key = :key AND round_pk IN :round_pks")
+    .bindparams(bindparam("round_pks", expanding=True))
+    .columns(*_result_columns("round_pk"))
+)
+# The capacity check that counts: a conditional UPDATE, atomic under concurrency.
+_CLAIM = (
+    "UPDATE rounds SET active_count = active_count + 1 WHERE id = :round_pk"
+    f" AND status = '{RoundStatus.COLLECTING.name}' AND active_count < capacity"
+)
+_RELEASE = text("UPDATE rounds SET active_count = active_count - 1 WHERE id = :round_pk")
+_INSERT_ASSIGNMENT = (
+    "INSERT INTO assignments"
+    " (id, round_pk, status, client_version, created_at, status_changed_at, device_key)"
+)
+_INSERT_HISTORY = (
+    "INSERT INTO status_history (entity, entity_id, from_status, to_status, changed_at, reason)"
+)
+# Only the unique (round, device) index may skip the insert: NULL keys (anonymous devices)
+# never conflict there, so for them the insert either happens or fails the whole statement.
+_SKIP_HELD = "ON CONFLICT (round_pk, device_key) DO NOTHING RETURNING id"
+_ASSIGNED, _ENTITY = AssignmentStatus.ASSIGNED.name, EntityKind.ASSIGNMENT.name
+_NOW = bindparam("now", type_=UtcDateTime())
+# SQLite: three statements inside the BEGIN IMMEDIATE transaction, which already excludes
+# every other writer.
+_SQLITE_CLAIM = text(_CLAIM)
+_SQLITE_ASSIGNMENT = (
+    text(
+        f"{_INSERT_ASSIGNMENT} VALUES (:id, :round_pk, '{_ASSIGNED}', :version, :now, :now,"
+        f" :device_key) {_SKIP_HELD}"
+    )
+    .bindparams(_NOW)
+    .columns(column("id", String))
+)
+_SQLITE_HISTORY = text(
+    f"{_INSERT_HISTORY} VALUES ('{_ENTITY}', :id, NULL, '{_ASSIGNED}', :now, '')"
+).bindparams(_NOW)
+# PostgreSQL: one statement, one round trip, that inserts the rows only if the claim
+# succeeded. The claim locks the round's row (the one row every check-in of the round
+# writes) until the commit, so nothing but this statement and its commit may run meanwhile.
+# The commit does not wait for the WAL flush: an assignment lost in a crash costs nothing but
+# a retry (its report and upload are refused; uploads commit synchronously).
+_PG_TAKE_SLOT = (
+    text(
+        f"WITH claim AS ({_CLAIM} RETURNING id),"
+        f" assignment AS ({_INSERT_ASSIGNMENT} SELECT CAST(:id AS VARCHAR), claim.id,"
+        f" '{_ASSIGNED}', CAST(:version AS VARCHAR), :now, :now, CAST(:device_key AS VARCHAR)"
+        f" FROM claim {_SKIP_HELD}),"
+        f" history AS ({_INSERT_HISTORY} SELECT '{_ENTITY}', assignment.id, NULL,"
+        f" '{_ASSIGNED}', :now, '' FROM assignment)"
+        " SELECT (SELECT count(*) FROM claim) AS claimed,"
+        " (SELECT count(*) FROM assignment) AS inserted,"
+        " set_config('synchronous_commit', 'off', true) AS sync"
+    )
+    .bindparams(_NOW)
+    .columns(*_result_columns("claimed", "inserted", "sync"))
+)
 
 
 class Rating(enum.IntEnum):
@@ -78,11 +170,11 @@ class Rejection:
 
 @dataclasses.dataclass(frozen=True)
 class Assigned:
-    """A new assignment and the round and task it belongs to."""
+    """A new assignment (already written) and the round it belongs to."""
 
-    assignment: Assignment
-    round: Round
-    task: Task
+    assignment_id: str
+    created_at: dt.datetime
+    round: OpenRound
 
 
 _REJECTIONS = {
@@ -113,14 +205,14 @@ def version_in_range(version: int, minimum: str, maximum: str) -> bool:
     return (not minimum or version >= int(minimum)) and (not maximum or version <= int(maximum))
 
 
-def rate(rnd: Round, task: Task, version: int, *, already_assigned: bool = False) -> Rating:
+def rate(rnd: OpenRound, version: int, *, already_assigned: bool = False) -> Rating:
     """Rates one round for a device, in ODP's check order (status, version, capacity).
 
     A round the device already holds an assignment in is full for it.
     """
-    if rnd.status != RoundStatus.COLLECTING:
+    if rnd.status != RoundStatus.COLLECTING.name:
         return Rating.ITERATION_NOT_OPEN
-    if not version_in_range(version, task.min_client_version, task.max_client_version):
+    if not version_in_range(version, rnd.min_client_version, rnd.max_client_version):
         return Rating.CLIENT_VERSION_MISMATCH
     if already_assigned or rnd.active_count >= rnd.capacity:
         return Rating.ITERATION_FULL
@@ -142,87 +234,63 @@ def draw_weighted(weights: list[int], rng: np.random.Generator) -> int | None:
     raise AssertionError("unreachable: point < total")
 
 
-def _rounds_held(session: Session, device_key: str | None, round_pks: list[int]) -> set[int]:
+def active_rounds(conn: Connection, pop: str) -> list[OpenRound]:
+    """The population's rounds in an active status, of its OPEN tasks, oldest first."""
+    return [OpenRound(*row) for row in conn.execute(_ACTIVE_ROUNDS, {"pop": pop})]
+
+
+def _rounds_held(conn: Connection, device_key: str | None, round_pks: list[int]) -> set[int]:
     if device_key is None or not round_pks:
         return set()
-    return set(
-        session.scalars(
-            select(Assignment.round_pk).where(
-                Assignment.device_key == device_key, Assignment.round_pk.in_(round_pks)
-            )
-        )
-    )
-
-
-def _insert_assignment(session: Session, values: dict[str, object]) -> bool:
-    """Inserts the assignment row; False if the device already holds one in the round.
-
-    With device auth the unique (round, device) index can refuse the row. `ON CONFLICT DO
-    NOTHING` (PostgreSQL and SQLite alike) reports that as no row instead of an error, so no
-    savepoint (two more round trips per check-in) is needed to survive it.
-    """
-    if values["device_key"] is None:  # anonymous: NULL keys never conflict
-        session.execute(insert(Assignment), values)
-        return True
-    dialect = session.get_bind().dialect.name
-    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Assignment)
-    # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT here.
-    inserted = stmt.values(values).on_conflict_do_nothing().returning(Assignment.id)
-    return session.execute(inserted).first() is not None
-
-
-_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
+    return set(conn.scalars(_ROUNDS_HELD, {"key": device_key, "round_pks": round_pks}))
 
 
 def _take_slot(
-    session: Session, rnd: Round, version_code: str, device_key: str | None, now: dt.datetime
-) -> Assignment | None:
-    """Creates the assignment and claims its slot; None if the round is full for this device.
+    session: Session, round_pk: int, version_code: str, device_key: str | None, now: dt.datetime
+) -> str | None:
+    """Claims a slot of the round and writes the assignment; its id, or None if it is full.
 
-    The rows are written first and the slot's conditional UPDATE comes last, right before the
-    caller commits: the UPDATE locks the round's row (the one row every check-in of the round
-    writes) until the commit, so nothing else runs while it is held. A lost claim deletes the
-    rows again inside the same transaction, so no other transaction ever sees them.
+    The claim comes first and the assignment and its status change are written only if it
+    succeeded. With device auth the unique (round, device) index may still skip the
+    assignment (a concurrent check-in of the same device took the round first); the slot is
+    then given back inside the same transaction, so no other transaction ever sees it taken.
     """
-    assignment_id = str(uuid.uuid4())
-    values: dict[str, object] = {
-        "id": assignment_id,
-        "round_pk": rnd.id,
-        "status": AssignmentStatus.ASSIGNED,
-        "client_version": version_code,
-        "created_at": now,
-        "status_changed_at": now,
+    conn = session.connection()
+    params: dict[str, object] = {
+        "round_pk": round_pk,
+        "id": str(uuid.uuid4()),
+        "version": version_code,
+        "now": now,
         "device_key": device_key,
     }
-    if not _insert_assignment(session, values):
-        return None  # a concurrent check-in of the same device took this round first
-    session.execute(
-        insert(StatusChange),
-        {
-            "entity": EntityKind.ASSIGNMENT,
-            "entity_id": assignment_id,
-            "from_status": None,
-            "to_status": AssignmentStatus.ASSIGNED.value,
-            "changed_at": now,
-            "reason": "",
-        },
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        # The round row stays locked until the commit, so its fsync would serialize every
-        # check-in of the round. An assignment lost in a crash costs nothing but a retry (its
-        # report and upload are refused, and uploads commit synchronously), so this
-        # transaction alone commits without waiting for the WAL flush.
-        session.execute(_ASYNC_COMMIT)
-    # The capacity check that counts: a conditional UPDATE, atomic under concurrency.
-    if transitions.claim_slot(session, rnd.id):
-        return Assignment(**values)  # detached: the row is written, callers only read it
-    session.execute(
-        delete(StatusChange).where(
-            StatusChange.entity == EntityKind.ASSIGNMENT, StatusChange.entity_id == assignment_id
-        )
-    )
-    session.execute(delete(Assignment).where(Assignment.id == assignment_id))
-    return None
+    if conn.dialect.name == "postgresql":
+        claimed, inserted, _ = conn.execute(_PG_TAKE_SLOT, params).one()
+    else:
+        claimed = conn.execute(_SQLITE_CLAIM, params).rowcount
+        inserted = claimed and len(conn.execute(_SQLITE_ASSIGNMENT, params).all())
+        if inserted:
+            conn.execute(_SQLITE_HISTORY, params)
+    if claimed != 1:
+        return None
+    if inserted != 1:
+        conn.execute(_RELEASE, params)
+        return None
+    return str(params["id"])
+
+
+@contextlib.contextmanager
+def transaction(session: Session, device_key: str | None) -> Iterator[None]:
+    """The check-in's transaction on `session` (commits on success, else rolls back).
+
+    An anonymous check-in on PostgreSQL runs in autocommit mode: its only write is the one
+    statement of `_take_slot`, atomic by itself (nothing can make it skip its insert, so
+    nothing is ever given back), and the read before it needs no snapshot of its own. That
+    saves the BEGIN and COMMIT round trips of every check-in.
+    """
+    with session.begin():
+        if device_key is None and session.get_bind().dialect.name == "postgresql":
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield
 
 
 def check_in(
@@ -251,21 +319,20 @@ def check_in(
         BadRequest: The version code is not numeric.
     """
     version = parse_client_version(version_code)
-    rows = session.execute(_ACTIVE_ROUNDS, {"pop": pop}).all()
-    held = _rounds_held(session, device_key, [rnd.id for rnd, _ in rows])
-    ratings = [
-        (rate(rnd, task, version, already_assigned=rnd.id in held), rnd, task) for rnd, task in rows
-    ]
-    best = min((r for r, _, _ in ratings), default=Rating.ITERATION_NOT_ACTIVE)
+    conn = session.connection()
+    rounds = active_rounds(conn, pop)
+    held = _rounds_held(conn, device_key, [rnd.round_pk for rnd in rounds])
+    ratings = [(rate(rnd, version, already_assigned=rnd.round_pk in held), rnd) for rnd in rounds]
+    best = min((r for r, _ in ratings), default=Rating.ITERATION_NOT_ACTIVE)
     if best != Rating.SUCCESS:
         return rejection(best)
-    candidates = [(rnd, task) for r, rnd, task in ratings if r == Rating.SUCCESS]
+    candidates = [rnd for r, rnd in ratings if r == Rating.SUCCESS]
     while candidates:
-        index = draw_weighted([task.traffic_weight for _, task in candidates], rng)
+        index = draw_weighted([rnd.traffic_weight for rnd in candidates], rng)
         if index is None:
             return rejection(Rating.ITERATION_NOT_ACTIVE)
-        rnd, task = candidates.pop(index)
-        assignment = _take_slot(session, rnd, version_code, device_key, now)
-        if assignment is not None:
-            return Assigned(assignment=assignment, round=rnd, task=task)
+        rnd = candidates.pop(index)
+        assignment_id = _take_slot(session, rnd.round_pk, version_code, device_key, now)
+        if assignment_id is not None:
+            return Assigned(assignment_id=assignment_id, created_at=now, round=rnd)
     return rejection(Rating.ITERATION_FULL)

@@ -1,8 +1,9 @@
 """B4: check-ins (create-task-assignment) under concurrent load, PostgreSQL and SQLite.
 
 Ours is the real check-in: the request proto is parsed, the population's active rounds are
-rated, a slot is taken with the conditional UPDATE and the assignment row and its status
-change are inserted, in one transaction. One open round with room for every check-in keeps
+read and rated, and the slot is taken with the conditional UPDATE, which also writes the
+assignment row and its status change (on PostgreSQL one statement, on SQLite one
+transaction). One open round with room for every check-in keeps
 each answer a 201. The baseline is a bare Flask endpoint on the same path and the same
 gunicorn config that parses the request and answers a fixed assignment (no database).
 Load: spawned processes of keep-alive client threads for a fixed duration.

@@ -1,8 +1,8 @@
 """Check-in slot claims: a claim lost to a full round leaves no trace (SQLite and PostgreSQL).
 
-`checkin._take_slot` writes the assignment and its status change first and takes the slot
-with the conditional UPDATE last; when the UPDATE finds the round full (another check-in won
-the race), it must delete both rows again inside the same transaction.
+`checkin._take_slot` takes the slot with the conditional UPDATE and writes the assignment and
+its status change only if that succeeded; when the UPDATE finds the round full (another
+check-in won the race), neither row may be written and the count must not move.
 """
 
 from sqlalchemy import func, select
@@ -15,7 +15,7 @@ from tests.integration.server import testkit
 def test_a_lost_slot_claim_leaves_no_assignment_or_history_row(api, ctx, clock):
     api.open_training(testkit.training_task(report_goal=2, max_size=2))
     with ctx.database.sessions() as session:
-        stale = session.scalars(select(Round)).one()  # read while the round still has room
+        stale = session.scalars(select(Round.id)).one()  # read while the round still has room
     held = [api.assign(), api.assign()]  # now the round is full
 
     with ctx.database.sessions() as session, session.begin():
