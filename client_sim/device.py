@@ -107,7 +107,8 @@ class SimulatedDevice:
 
     def _session(self) -> float:
         self.stats.add("check_ins")
-        answer = self.api.check_in(self.population, self.version_code)
+        with self.stats.timed("check_in"):
+            answer = self.api.check_in(self.population, self.version_code)
         if answer.rejection is not None:
             reason = common_pb2.RejectionReason.Enum.Name(answer.rejection.reason)
             self.stats.add(f"rejections.{reason}")
@@ -117,8 +118,9 @@ class SimulatedDevice:
         return self._assigned(answer.assignment)
 
     def _assigned(self, a: task_assignments_pb2.TaskAssignment) -> float:
-        plan_bytes = self.api.download(a.plan)
-        checkpoint = self.api.download(a.init_checkpoint)
+        with self.stats.timed("download"):
+            plan_bytes = self.api.download(a.plan)
+            checkpoint = self.api.download(a.init_checkpoint)
         plan = plan_pb2.ClientOnlyPlan()
         try:
             plan.ParseFromString(plan_bytes)
@@ -154,14 +156,17 @@ class SimulatedDevice:
         records: tuple[bytes, ...],
     ) -> float:
         try:
-            outcome = self.compute(ComputeJob(self.device_id, plan_bytes, checkpoint, records))
+            with self.stats.timed("train"):
+                job = ComputeJob(self.device_id, plan_bytes, checkpoint, records)
+                outcome = self.compute(job)
         except ExampleError as e:
             return self._failed(a, Result.FAILED_EXAMPLE_GENERATION, e)
         except PlanError as e:
             return self._failed(a, Result.FAILED_MODEL_COMPUTATION, e)
         self.sleep(self.knobs.compute_seconds(self.rng))
         self.stats.observe_loss(plan.kind, outcome.mean_loss)
-        response = self.api.report_result(a, Result.COMPLETED)
+        with self.stats.timed("report"):
+            response = self.api.report_result(a, Result.COMPLETED)
         self.stats.add("reports.COMPLETED")
         if response.HasField("rejection_info") or not response.upload_instruction.upload_location:
             self.stats.add("reports_refused")
@@ -172,7 +177,8 @@ class SimulatedDevice:
             self.stats.add("crashes_after_report")
             return self.knobs.checkin_interval
         try:
-            self.api.upload(response.upload_instruction, outcome.update)
+            with self.stats.timed("upload"):
+                self.api.upload(response.upload_instruction, outcome.update)
         except PermanentError as e:
             # 409: the round reached its goal or closed while this device trained (late).
             self.stats.add(f"uploads_refused.{e.status}")

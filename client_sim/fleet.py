@@ -11,17 +11,16 @@ condition holds (e.g. the task's Nth round completed) or the duration has passed
 
 import heapq
 import logging
-import multiprocessing
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
 
-from client_sim import plan_runtime
+from client_sim import compute_pool, plan_runtime
 from client_sim.data_sources import DeviceData
 from client_sim.device import Compute, ComputeJob, SimulatedDevice
 from client_sim.knobs import DeviceKnobs, VersionMix
@@ -105,7 +104,8 @@ class Fleet:
 
     def _sleep(self, simulated: float) -> None:
         if simulated > 0:
-            self._stop.wait(simulated * self.config.time_scale)
+            with self.stats.timed("sleep"):
+                self._stop.wait(simulated * self.config.time_scale)
 
     def _compute(self, job: ComputeJob) -> plan_runtime.PlanOutcome:
         if self._compute_override is not None:
@@ -146,6 +146,23 @@ class Fleet:
             sleep=self._sleep,
         )
 
+    def _start_compute(self) -> float:
+        """Starts the compute processes and waits until each one has loaded TFLite.
+
+        A spawned process needs seconds to import TensorFlow; paying that before the first
+        device wakes keeps it out of the sessions (the first round would otherwise wait for
+        it). Returns the seconds the warm-up took.
+        """
+        started = time.monotonic()
+        workers = self.config.compute_workers
+        if self._compute_override is not None:
+            return 0.0
+        if not workers:
+            plan_runtime.warm_up()
+            return time.monotonic() - started
+        self._executor = compute_pool.start(workers)
+        return time.monotonic() - started
+
     def stop(self) -> None:
         """Asks every device to finish its current session and stop."""
         self._stop.set()
@@ -160,22 +177,25 @@ class Fleet:
     ) -> dict[str, object]:
         """Runs the devices until `until()` is true or `duration` real seconds passed.
 
+        The compute processes are started and warmed up first; `duration` and the summary's
+        `elapsed_seconds` count from the moment the first device may wake up to the moment
+        the stop condition held.
+
         Returns:
-          The JSON-ready summary (counters, elapsed seconds, stop reason).
+          The JSON-ready summary (counters, phase and elapsed seconds, stop reason).
         """
-        started = time.monotonic()
-        if self.config.compute_workers:
-            ctx = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(self.config.compute_workers, mp_context=ctx)
-        schedule = _Schedule(self.devices, self.config, self._stop)
-        threads = [
-            threading.Thread(target=schedule.serve, name=f"device-session-{i}", daemon=True)
-            for i in range(self.config.concurrency)
-        ]
-        for t in threads:
-            t.start()
+        threads: list[threading.Thread] = []
         reason = "stopped"
         try:
+            warmup_seconds = self._start_compute()
+            started = time.monotonic()
+            schedule = _Schedule(self.devices, self.config, self._stop, self.stats)
+            threads = [
+                threading.Thread(target=schedule.serve, name=f"device-session-{i}", daemon=True)
+                for i in range(self.config.concurrency)
+            ]
+            for t in threads:
+                t.start()
             while not self._stop.is_set():
                 if until():
                     reason = "goal reached"
@@ -186,7 +206,11 @@ class Fleet:
                 if on_progress is not None:
                     on_progress(self.stats.snapshot())
                 self._stop.wait(poll_interval)
+            # The fleet's time ends here; the teardown below (sessions finishing, compute
+            # processes unloading TensorFlow) is reported on its own.
+            elapsed = time.monotonic() - started
         finally:
+            stopping = time.monotonic()
             self._stop.set()
             for t in threads:
                 t.join()
@@ -195,7 +219,9 @@ class Fleet:
                 self._executor = None
         summary = self.stats.snapshot()
         summary.update(
-            elapsed_seconds=round(time.monotonic() - started, 3),
+            elapsed_seconds=round(elapsed, 3),
+            compute_warmup_seconds=round(warmup_seconds, 3),
+            shutdown_seconds=round(time.monotonic() - stopping, 3),
             stop_reason=reason,
             devices=len(self.devices),
             session_errors=schedule.errors,
@@ -210,9 +236,14 @@ class _Schedule:
     """A heap of (wake time, device) served by the session threads."""
 
     def __init__(
-        self, devices: list[SimulatedDevice], config: FleetConfig, stop: threading.Event
+        self,
+        devices: list[SimulatedDevice],
+        config: FleetConfig,
+        stop: threading.Event,
+        stats: FleetStats,
     ) -> None:
         self._stop = stop
+        self._stats = stats
         self._scale = config.time_scale
         self._cond = threading.Condition()
         now = time.monotonic()
@@ -227,7 +258,7 @@ class _Schedule:
         self.errors = 0
 
     def _next(self) -> tuple[int, SimulatedDevice] | None:
-        with self._cond:
+        with self._stats.timed("idle"), self._cond:
             while not self._stop.is_set():
                 if self._heap:
                     due, i, device = self._heap[0]

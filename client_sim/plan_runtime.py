@@ -130,6 +130,13 @@ class _Interpreters:
 _INTERPRETERS = _Interpreters()
 
 
+def warm_up() -> None:
+    """Imports TensorFlow's TFLite interpreter, the seconds-long first step of any plan."""
+    import tensorflow as tf
+
+    _ = tf.lite.Interpreter
+
+
 def _fed_sgd(plan: plan_pb2.ClientOnlyPlan) -> bool:
     return plan.algorithm == task_builder_pb2.LearningAlgo.FED_SGD
 

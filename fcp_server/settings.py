@@ -44,6 +44,9 @@ class ServerSettings:
     auto_migrate: bool = True
     # Seconds between worker ticks.
     worker_interval_seconds: float = 1.0
+    # Seconds between the worker's checks for rounds waiting to close, between two ticks
+    # (one indexed query each); 0 = rounds are closed by the ticks only (the default).
+    worker_close_poll_seconds: float = 0.0
     # ASSIGNED longer than this becomes LOCAL_TIMEOUT (ODP: 15 min).
     local_compute_timeout_seconds: int = 900
     # LOCAL_COMPLETED longer than this becomes UPLOAD_TIMEOUT (ODP: 15 min).
@@ -102,6 +105,11 @@ class ServerSettings:
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(f"{name} must be positive, got {value}")
+        if not 0 <= self.worker_close_poll_seconds < self.worker_interval_seconds:
+            raise SettingsError(
+                "FCP_WORKER_CLOSE_POLL_SECONDS must be >= 0 (0 = off) and below "
+                f"FCP_WORKER_INTERVAL_SECONDS, got {self.worker_close_poll_seconds}"
+            )
         if self.rate_limit_requests < 0:
             raise SettingsError(
                 f"FCP_RATE_LIMIT_REQUESTS must be >= 0 (0 = off), got {self.rate_limit_requests}"
@@ -127,6 +135,7 @@ class ServerSettings:
             embedded_worker=_bool(source, "FCP_EMBEDDED_WORKER", not production),
             auto_migrate=_bool(source, "FCP_AUTO_MIGRATE", not production),
             worker_interval_seconds=_float(source, "FCP_WORKER_INTERVAL_SECONDS", 1.0),
+            worker_close_poll_seconds=_float(source, "FCP_WORKER_CLOSE_POLL_SECONDS", 0.0),
             local_compute_timeout_seconds=_int(source, "FCP_LOCAL_COMPUTE_TIMEOUT_SECONDS", 900),
             upload_timeout_seconds=_int(source, "FCP_UPLOAD_TIMEOUT_SECONDS", 900),
             round_deadline_seconds=_int(source, "FCP_ROUND_DEADLINE_SECONDS", 3600),

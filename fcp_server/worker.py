@@ -10,6 +10,8 @@ the work, the others skip it.
 import dataclasses
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from fcp_server.services import maintenance, rate_limits, round_close
 from fcp_server.storage import availability
@@ -86,24 +88,36 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Ticks every `worker_interval_seconds` until `stop` is set.
 
-        A failing tick is logged and retried on the next one: this is the top-level handler
-        of the background loop.
+        With `worker_close_poll_seconds` set, it also looks for rounds waiting to close every
+        that many seconds between two ticks, so a round that reached its goal is aggregated
+        without waiting for the next full tick. A failing step is logged and retried later:
+        this is the top-level handler of the background loop.
         """
-        interval = self._deps.settings.worker_interval_seconds
+        settings = self._deps.settings
+        interval, poll = settings.worker_interval_seconds, settings.worker_close_poll_seconds
         while not stop.is_set():
-            try:
-                self.tick()
-            except (round_close.ClaimNotReleased, *availability.DEPENDENCY_ERRORS) as e:
-                # An outage, not a bug: one line per tick instead of a traceback.
-                cause = e.__cause__ if isinstance(e, round_close.ClaimNotReleased) else e
-                _LOG.warning(
-                    "worker tick stopped: the %s is unavailable (%s)",
-                    availability.unavailable_dependency(cause or e) or "database",
-                    e,
-                )
-            except Exception:  # keep the loop alive; CAS makes retries safe
-                _LOG.exception("worker tick failed")
-            stop.wait(interval)
+            self._guarded(self.tick)
+            next_tick = time.monotonic() + interval
+            while poll > 0 and next_tick - time.monotonic() > poll:
+                if stop.wait(poll):
+                    return
+                self._guarded(self._close_rounds)
+            stop.wait(max(0.0, next_tick - time.monotonic()))
+
+    @staticmethod
+    def _guarded(step: Callable[[], object]) -> None:
+        try:
+            step()
+        except (round_close.ClaimNotReleased, *availability.DEPENDENCY_ERRORS) as e:
+            # An outage, not a bug: one line per step instead of a traceback.
+            cause = e.__cause__ if isinstance(e, round_close.ClaimNotReleased) else e
+            _LOG.warning(
+                "worker tick stopped: the %s is unavailable (%s)",
+                availability.unavailable_dependency(cause or e) or "database",
+                e,
+            )
+        except Exception:  # keep the loop alive; CAS makes retries safe
+            _LOG.exception("worker tick failed")
 
 
 def start_in_background(worker: Worker) -> tuple[threading.Thread, threading.Event]:

@@ -2,17 +2,27 @@
 
 Same model and data on both sides: the task builder's digits CNN (the EMNIST files are not
 available offline, so scikit-learn's bundled digits are the data), the same TaskConfig
-(FIXED_GAUSSIAN DP, report goal K, R rounds) and the same devices (`client_sim` data split,
-seed 0, iid, no held-out devices).
+(FIXED_GAUSSIAN DP, report goal K, R rounds, one epoch, batch size 10) and the same devices
+(`client_sim` data split, seed 0, iid, no held-out devices).
 
-* Fleet: gunicorn (2 workers, SQLite, local blobs) and `fcp-server worker` serve the plans the
-  builder made; `client-sim` runs in the runner process with one spawned TFLite process and
-  no failure knobs (no dropouts, no simulated compute time). Time: the fleet's own elapsed
-  seconds until the R-th round completed (check-ins, downloads, TFLite training, uploads,
-  round closes).
+* Fleet: gunicorn (2 workers, SQLite, local blobs) and `fcp-server worker` (checking for rounds
+  to close every 20 ms) serve the plans the builder made; `client-sim` runs in the runner
+  process with 8 session threads, 2 spawned TFLite processes and no failure knobs (no
+  dropouts, no simulated compute time). Every device checks in, downloads the plan and the
+  checkpoint, trains the TFLite plan on its own examples, reports and uploads over HTTP;
+  the server over-selects 1.5 K devices a round and aggregates the first K uploads. Time:
+  from the first device wake-up until the R-th round completed, after the TFLite processes
+  loaded TensorFlow (untimed, as TFF's compiling round). It includes the server's round
+  close, which also runs the DP accountant (epsilon spent) after every round.
 * TFF: the learning process the builder composes from the same config
   (`task_builder.learning_process.compose`), run for R rounds on K devices drawn per round
-  from the same device data, after one untimed compiling round.
+  from the same device data, after one untimed compiling round. No privacy accounting.
+
+Rejected devices come back after a delay drawn from the server's retry window (60-300
+simulated seconds for a full or closing round) times the time scale 0.004 (0.24-1.2 s). At
+0.001, 40 devices sent about 170 rejected check-ins per second, which took the CPU the round
+close needed: one sweep under load gave 54-57 s for the 5 rounds at 0.001, 40 s at 0.002,
+32-35 s at 0.004 and 35 s at 0.01 (slower returns once a round opens).
 """
 
 import contextlib
@@ -28,14 +38,22 @@ from typing import Any
 import httpx
 import numpy as np
 from google.protobuf import text_format
+from sqlalchemy import select
 
 from fcp_server.protos import task_builder_pb2, task_pb2
+from fcp_server.storage import db
+from fcp_server.storage.models import EntityKind, StatusChange
 from tools.benchmarks import servers
 from tools.benchmarks.figures import Figure
 
 POP = "bench_fleet"
 CONFIG = servers.ROOT / "configs" / "digits_cnn_task.pbtxt"
 NOISE_MULTIPLIER = 0.5
+# Real seconds per simulated second of the devices' retry windows (see the module docstring).
+TIME_SCALE = 0.004
+# The worker's full tick (timeouts, deadlines) and its check for rounds to close, seconds.
+WORKER_INTERVAL_S, WORKER_CLOSE_POLL_S = 1.0, 0.02
+PHASES = ("check_in", "download", "train", "report", "upload")
 
 
 def _config(report_goal: int, rounds: int) -> task_builder_pb2.TaskConfig:
@@ -67,24 +85,58 @@ def _task(config: task_builder_pb2.TaskConfig, min_version: str) -> task_pb2.Tas
     return task
 
 
-def _fleet_seconds(url: str, devices: int, rounds: int) -> float:
+def _fleet_summary(url: str, devices: int, rounds: int) -> dict[str, Any]:
+    """Runs `client-sim` until the task completed `rounds` rounds; returns its summary."""
     from client_sim import cli
 
     args = ["--server", url, "--population", POP, "--devices", str(devices)]
-    args += ["--rounds", str(rounds), "--seed", "0", "--compute-workers", "1"]
+    args += ["--rounds", str(rounds), "--seed", "0", "--compute-workers", "2"]
     args += ["--concurrency", "8", "--eval-device-fraction", "0", "--quiet"]
     args += ["--dropout", "0", "--crash-after-report", "0", "--network-errors", "0"]
     args += ["--duplicate-uploads", "0", "--stragglers", "0", "--compute-median", "0"]
-    args += ["--checkin-interval", "0", "--poll-interval", "0.2", "--max-duration", "1800"]
-    # Retry windows are simulated seconds: 1 ms each brings rejected devices back quickly.
-    args += ["--time-scale", "0.001"]
+    args += ["--checkin-interval", "0", "--poll-interval", "0.1", "--max-duration", "1800"]
+    args += ["--time-scale", str(TIME_SCALE)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = cli.main(args)
-    summary = json.loads(out.getvalue())
+    summary: dict[str, Any] = json.loads(out.getvalue())
     if code != 0:
         raise RuntimeError(f"client-sim did not reach the goal: {summary}")
-    return float(summary["elapsed_seconds"])
+    return summary
+
+
+def round_phase_seconds(database_url: str) -> dict[str, float]:
+    """Seconds the rounds spent waiting for the worker (AGGREGATING) and closing (APPLYING)."""
+    database = db.connect(database_url)
+    try:
+        with database.sessions() as session:
+            rows = session.execute(
+                select(StatusChange.entity_id, StatusChange.to_status, StatusChange.changed_at)
+                .where(StatusChange.entity == EntityKind.ROUND)
+                .order_by(StatusChange.id)
+            ).all()
+    finally:
+        database.engine.dispose()
+    entered: dict[tuple[str, str], Any] = {}
+    totals = {"AGGREGATING": 0.0, "APPLYING": 0.0}
+    for round_id, status, at in rows:
+        entered[(round_id, status)] = at
+        previous = {"APPLYING": "AGGREGATING", "COMPLETED": "APPLYING"}.get(status)
+        if previous and (round_id, previous) in entered:
+            totals[previous] += (at - entered[(round_id, previous)]).total_seconds()
+    return {"worker_wait": totals["AGGREGATING"], "round_close": totals["APPLYING"]}
+
+
+def _breakdown(summary: dict[str, Any], rounds: dict[str, float]) -> str:
+    phases = summary.get("phase_seconds", {})
+    spent = ", ".join(f"{p} {phases.get(p, 0.0):.1f}" for p in PHASES)
+    return (
+        f"fleet {summary['elapsed_seconds']:.1f} s, of which round close "
+        f"{rounds['round_close']:.1f} s and waiting for the worker "
+        f"{rounds['worker_wait']:.1f} s; session thread-seconds: {spent}; "
+        f"{summary['counts'].get('check_ins', 0)} check-ins; TFLite warm-up "
+        f"{summary.get('compute_warmup_seconds', 0.0):.1f} s (untimed)"
+    )
 
 
 def _device_datasets(devices: int, batch_size: int) -> list[Any]:
@@ -152,9 +204,11 @@ def run(quick: bool) -> list[Figure]:
         if training is None or training.initial_checkpoint is None:
             raise RuntimeError("the builder made no training plan or initial checkpoint")
         theirs_s = _tff_seconds(model_dir, config, devices, rounds)
+        database_url = servers.sqlite_database(root)
         env = {
-            **servers.server_env(servers.sqlite_database(root), root / "blobs"),
-            "FCP_WORKER_INTERVAL_SECONDS": "0.1",
+            **servers.server_env(database_url, root / "blobs"),
+            "FCP_WORKER_INTERVAL_SECONDS": str(WORKER_INTERVAL_S),
+            "FCP_WORKER_CLOSE_POLL_SECONDS": str(WORKER_CLOSE_POLL_S),
         }
         worker_log = (root / "worker.log").open("ab")
         worker = subprocess.Popen(
@@ -178,10 +232,12 @@ def run(quick: bool) -> list[Figure]:
                     training.client_plan,
                     training.initial_checkpoint,
                 )
-                ours_s = _fleet_seconds(url, devices, rounds)
+                summary = _fleet_summary(url, devices, rounds)
         finally:
             servers.stop_group(worker)
             worker_log.close()
+        breakdown = _breakdown(summary, round_phase_seconds(database_url))
+    ours_s = float(summary["elapsed_seconds"])
     updates = goal * rounds
     return [
         Figure(
@@ -194,7 +250,8 @@ def run(quick: bool) -> list[Figure]:
             target_on="ratio",
             target=1.0,
             direction="higher",
-            notes="fleet: client-sim threads + 1 TFLite process in the runner, gunicorn "
-            "2 workers + 1 worker process; TFF: runner process + worker_binary; same 2 cores",
+            notes="fleet: client-sim 8 threads + 2 TFLite processes in the runner, gunicorn "
+            "2 workers + 1 worker process, round close includes DP accounting; TFF: runner "
+            f"process + worker_binary, no accounting; same 2 cores. {breakdown}",
         )
     ]
