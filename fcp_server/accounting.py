@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import dp_accounting
 from dp_accounting import pld, rdp
+from dp_accounting.pld import privacy_loss_distribution as _PLD
 
 from fcp_server.protos import plan_pb2, task_builder_pb2
 
@@ -42,6 +43,8 @@ TREE_TYPES = (_DpType.TREE_AGGREGATION, _DpType.ADAPTIVE_TREE)
 _CALIBRATION_RTOL = 1e-4
 _MAX_BRACKET_STEPS = 60
 _SEARCH_DISCRETIZATION = 1e-3
+# `pld.PLDAccountant`'s default grid, which `epsilon_spent` reproduces.
+_PLD_DISCRETIZATION = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +137,7 @@ def make_accountant(dp_type: int) -> dp_accounting.PrivacyAccountant:
         return rdp.RdpAccountant(
             neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL
         )
-    return pld.PLDAccountant()
+    return pld.PLDAccountant(value_discretization_interval=_PLD_DISCRETIZATION)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -151,9 +154,29 @@ def epsilon_spent(setup: DpSetup, rounds: int) -> float:
         return 0.0
     if setup.noise_multiplier == 0.0:
         return math.inf
-    accountant = make_accountant(setup.dp_type)
-    accountant.compose(make_dp_event(setup, rounds))
-    return float(accountant.get_epsilon(setup.delta))
+    if setup.dp_type in TREE_TYPES:
+        accountant = make_accountant(setup.dp_type)
+        accountant.compose(make_dp_event(setup, rounds))
+        return float(accountant.get_epsilon(setup.delta))
+    # What `PLDAccountant` computes for this event, bit for bit, without rebuilding the
+    # one-round PLD (~2 s for q around 0.1) every time a round ends.
+    step = _subsampled_gaussian_pld(setup.noise_multiplier, setup.sampling_probability)
+    composed = _PLD.identity(value_discretization_interval=_PLD_DISCRETIZATION).compose(
+        step.self_compose(rounds)
+    )
+    return float(composed.get_epsilon_for_delta(setup.delta))
+
+
+@functools.lru_cache(maxsize=32)
+def _subsampled_gaussian_pld(
+    noise_multiplier: float, sampling_probability: float
+) -> _PLD.PrivacyLossDistribution:
+    """One round's PLD, as `pld.PLDAccountant` builds it for a Poisson-sampled Gaussian."""
+    return _PLD.PrivacyLossDistribution.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier,
+        value_discretization_interval=_PLD_DISCRETIZATION,
+        sampling_prob=sampling_probability,
+    )
 
 
 def epsilon_after(

@@ -156,3 +156,12 @@ def test_calibration_validates_its_inputs():
         accounting.calibrate_noise(GAUSSIAN, 0.0, 10)
     with pytest.raises(ValueError, match="0 rounds"):
         accounting.calibrate_noise(GAUSSIAN, 1.0, 0)
+
+
+def test_the_cached_one_round_pld_gives_the_accountants_answer_for_any_round_order():
+    # q = 0.1 as in the demo, where building the one-round PLD dominates: it is built once
+    # and reused; composing it must not change it (later, smaller round counts still match).
+    setup = accounting.DpSetup(DpType.FIXED_GAUSSIAN, 0.8, 48, 480, 3.3e-7)
+    accounting.epsilon_spent.cache_clear()
+    for rounds in (20, 3):
+        assert accounting.epsilon_spent(setup, rounds) == _pld_epsilon(0.8, 0.1, rounds, 3.3e-7)
