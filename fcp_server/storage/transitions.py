@@ -13,7 +13,7 @@ import datetime as dt
 import enum
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, bindparam, update
+from sqlalchemy import CursorResult, Update, update
 from sqlalchemy.orm import Session
 
 from fcp_server.storage.models import (
@@ -151,26 +151,6 @@ def move_assignment(
         reason=reason,
         values=values,
     )
-
-
-# Built once: every check-in runs it (see `claim_slot`).
-_CLAIM_SLOT = (
-    update(Round)
-    .where(
-        Round.id == bindparam("round_pk"),
-        Round.status == RoundStatus.COLLECTING,
-        Round.active_count < Round.capacity,
-    )
-    .values(active_count=Round.active_count + 1)
-)
-
-
-def claim_slot(session: Session, round_pk: int) -> bool:
-    """Takes one assignment slot of a COLLECTING round if one is free (atomic)."""
-    result = session.execute(
-        _CLAIM_SLOT, {"round_pk": round_pk}, execution_options={"synchronize_session": False}
-    )
-    return cast(CursorResult[Any], result).rowcount == 1
 
 
 def release_slot(session: Session, round_pk: int) -> None:
