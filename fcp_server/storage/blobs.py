@@ -42,6 +42,10 @@ _MAX_URL_CHARS: Final = 2048
 _MAX_CONTENT_TYPE_CHARS: Final = 255
 _CONTENT_TYPE_RE: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(;[ -~]*)?")
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+# Stored blobs are mostly float32 weights, which gzip shrinks by ~7% at any level: level 1
+# gives within 0.3% of level 6's size in about 2/3 of its time (the round close compresses
+# the client checkpoint every round).
+_GZIP_LEVEL: Final = 1
 
 
 class BlobStoreError(Exception):
@@ -176,7 +180,7 @@ def encode_content(data: bytes, *, gzip: bool, sha256: str | None = None) -> tup
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
     content = bytes(data)  # no copy for bytes
-    stored = gzip_lib.compress(content, compresslevel=6, mtime=0) if gzip else content
+    stored = gzip_lib.compress(content, compresslevel=_GZIP_LEVEL, mtime=0) if gzip else content
     digest = hashlib.sha256(content).hexdigest() if sha256 is None else check_sha256(sha256)
     return stored, digest
 
