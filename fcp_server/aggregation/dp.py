@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fcp_server.aggregation import update_norms
 from fcp_server.aggregation.state import Tensor, Tensors
 
 # 256 bits of OS entropy: the noise must not be predictable from anything an attacker sees.
@@ -25,8 +26,7 @@ def global_l2_norm(tensors: Sequence[Tensor]) -> float:
     Args:
         tensors: Arrays of any shape.
     """
-    total = sum(float(np.sum(np.square(t, dtype=np.float64))) for t in tensors)
-    return math.sqrt(total)
+    return math.sqrt(update_norms.exact_sum_of_squares(tensors))
 
 
 def global_linf_norm(tensors: Sequence[Tensor]) -> float:
