@@ -12,7 +12,7 @@ import builtins
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -49,7 +49,8 @@ def _etag(sha256_hex: str, gzipped: bool) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; some file systems refuse fsync on a directory.
+    # Makes a new, renamed or removed entry of `path` durable; some file systems refuse fsync
+    # on a directory.
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -60,6 +61,42 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _make_dirs(directory: Path) -> None:
+    """Creates `directory` and its missing ancestors durably; one stat when it already exists."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            continue  # a concurrent writer made it and fsyncs its parent itself
+        # A new entry is only durable once its parent is fsynced; without this a crash could
+        # lose the whole chain, and with it a blob whose own directory was fsynced.
+        _fsync_dir(new.parent)
+
+
+def _replace(tmp: str, path: Path) -> bool:
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return True
+
+
+def _link_if_absent(tmp: str, path: Path) -> bool:
+    # The link fails atomically if the name exists, so exactly one concurrent writer wins.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
 
 
 class LocalBlobStore(BlobStore):
@@ -93,7 +130,7 @@ class LocalBlobStore(BlobStore):
         return self._root.joinpath(*(d + _DIR_SUFFIX for d in dirs), leaf + _FILE_SUFFIX)
 
     def _write_temp(self, directory: Path, header: bytes, stored: bytes) -> str:
-        directory.mkdir(parents=True, exist_ok=True)
+        _make_dirs(directory)
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -131,16 +168,7 @@ class LocalBlobStore(BlobStore):
     ) -> BlobInfo:
         """See `BlobStore.put`."""
         path, header, stored, info = self._prepare(name, data, gzip, content_type, sha256)
-        try:
-            tmp = self._write_temp(path.parent, header, stored)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        except OSError as e:
-            raise BlobBackendError(f"cannot write blob {name!r}: {e}") from e
-        _fsync_dir(path.parent)
+        self._write(name, path, header, stored, _replace)
         return info
 
     def put_if_absent(
@@ -156,18 +184,29 @@ class LocalBlobStore(BlobStore):
         path, header, stored, _ = self._prepare(name, data, gzip, content_type, sha256)
         if path.exists():  # Cheap early exit for retried uploads; the link below decides.
             return False
+        return self._write(name, path, header, stored, _link_if_absent)
+
+    def _write(
+        self,
+        name: str,
+        path: Path,
+        header: bytes,
+        stored: bytes,
+        publish: Callable[[str, Path], bool],
+    ) -> bool:
+        """Writes a temporary file next to `path` and lets `publish` move it there.
+
+        `publish` removes the temporary file whenever it is not moved into place, and returns
+        whether the blob was written; only then is the directory entry made durable.
+        """
         try:
             tmp = self._write_temp(path.parent, header, stored)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
+            published = publish(tmp, path)
         except OSError as e:
             raise BlobBackendError(f"cannot write blob {name!r}: {e}") from e
-        _fsync_dir(path.parent)
-        return True
+        if published:
+            _fsync_dir(path.parent)
+        return published
 
     def _read_header(self, f: BinaryIO, name: str) -> tuple[BlobInfo, int]:
         fixed = f.read(_HEADER.size)
