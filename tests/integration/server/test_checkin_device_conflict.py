@@ -1,7 +1,7 @@
 """Check-in of a device that already holds the round: the claimed slot is given back.
 
 With device auth the unique (round, device) index is the last word on "one assignment per
-round". `checkin._take_slot` claims the slot first and inserts the assignment only then, so
+round". `round_slots.take_slot` claims the slot first and inserts the assignment only then, so
 when the index skips the insert (a concurrent check-in of the same device won), the claim
 must be undone in the same transaction: no row written, the round's count unchanged.
 Runs on SQLite and PostgreSQL.
@@ -9,7 +9,7 @@ Runs on SQLite and PostgreSQL.
 
 from sqlalchemy import func, select
 
-from fcp_server.services import checkin
+from fcp_server.services import round_slots
 from fcp_server.storage.models import Assignment, EntityKind, Round, StatusChange
 from tests.integration.server import testkit
 
@@ -32,17 +32,17 @@ def test_a_skipped_assignment_gives_its_slot_back(api, ctx, clock):
     with ctx.database.sessions() as session:
         round_pk = session.scalars(select(Round.id)).one()
     with ctx.database.sessions() as session, session.begin():
-        held = checkin._take_slot(session, round_pk, "100", DEVICE, clock.now())
+        held = round_slots.take_slot(session, round_pk, "100", DEVICE, clock.now())
     assert held is not None
     assert _state(ctx) == (1, 1, 1)
 
     # The race the held-rounds read cannot see: the same device, the same round, again.
     with ctx.database.sessions() as session, session.begin():
-        assert checkin._take_slot(session, round_pk, "100", DEVICE, clock.now()) is None
+        assert round_slots.take_slot(session, round_pk, "100", DEVICE, clock.now()) is None
 
     assert _state(ctx) == (1, 1, 1)
     # Another device still gets the slot the refused claim gave back.
     with ctx.database.sessions() as session, session.begin():
-        other = checkin._take_slot(session, round_pk, "100", "e" * 64, clock.now())
+        other = round_slots.take_slot(session, round_pk, "100", "e" * 64, clock.now())
     assert other is not None
     assert _state(ctx) == (2, 2, 2)

@@ -1,13 +1,13 @@
 """Check-in slot claims: a claim lost to a full round leaves no trace (SQLite and PostgreSQL).
 
-`checkin._take_slot` takes the slot with the conditional UPDATE and writes the assignment and
+`round_slots.take_slot` takes the slot with the conditional UPDATE and writes the assignment and
 its status change only if that succeeded; when the UPDATE finds the round full (another
 check-in won the race), neither row may be written and the count must not move.
 """
 
 from sqlalchemy import func, select
 
-from fcp_server.services import checkin
+from fcp_server.services import round_slots
 from fcp_server.storage.models import Assignment, EntityKind, Round, StatusChange
 from tests.integration.server import testkit
 
@@ -20,7 +20,7 @@ def test_a_lost_slot_claim_leaves_no_assignment_or_history_row(api, ctx, clock):
 
     with ctx.database.sessions() as session, session.begin():
         # The race a concurrent check-in loses: it rated the round before it filled up.
-        assert checkin._take_slot(session, stale, "100", None, clock.now()) is None
+        assert round_slots.take_slot(session, stale, "100", None, clock.now()) is None
 
     with ctx.database.sessions() as session:
         ids = set(session.scalars(select(Assignment.id)))

@@ -1,0 +1,173 @@
+"""Check-in's SQL: the population's open rounds, and taking a slot in one atomically.
+
+Check-in is the server's hottest path, so it runs fixed SQL on the session's connection (no
+ORM entities): one read of the active rounds (`active_rounds`, plus `rounds_held` with device
+auth), then the slot claim (`take_slot`). The capacity check is the `active_count < capacity`
+condition of the UPDATE that takes the slot, so concurrent check-ins never over-assign.
+"""
+
+import dataclasses
+import datetime as dt
+import enum
+import uuid
+from typing import Any
+
+from sqlalchemy import Connection, Integer, String, bindparam, column, text
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import ColumnClause
+
+from fcp_server.storage.models import (
+    ACTIVE_ROUND_STATUSES,
+    AssignmentStatus,
+    EntityKind,
+    RoundStatus,
+    TaskStatus,
+    UtcDateTime,
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenRound:
+    """An active round of the population with the fields of its task that check-in reads."""
+
+    round_pk: int
+    status: str  # a RoundStatus name, as stored
+    capacity: int
+    active_count: int
+    iteration_id: int
+    base_result_id: int
+    client_checkpoint_sha256: str | None
+    population_name: str
+    task_id: int
+    min_client_version: str
+    max_client_version: str
+    traffic_weight: int
+    client_plan_sha256: str | None
+    info_json: str
+
+
+def _names(statuses: tuple[enum.Enum, ...]) -> str:
+    return ", ".join(f"'{status.name}'" for status in statuses)
+
+
+def _result_columns(*names: str) -> list[ColumnClause[Any]]:
+    # Declared result columns let SQLAlchemy reuse the result metadata instead of rebuilding
+    # it from the cursor description on every execution.
+    return [column(name, Integer if name in _INT_COLUMNS else String) for name in names]
+
+
+_INT_COLUMNS = frozenset(
+    {"round_pk", "capacity", "active_count", "iteration_id", "base_result_id", "task_id"}
+    | {"traffic_weight", "claimed", "inserted"}
+)
+# Statuses are stored as enum names in VARCHARs, so the constants are written into the SQL.
+_ACTIVE_ROUNDS = text(
+    "SELECT r.id, r.status, r.capacity, r.active_count, r.iteration_id, r.base_result_id,"
+    " r.client_checkpoint_sha256, t.population_name, t.task_id, t.min_client_version,"
+    " t.max_client_version, t.traffic_weight, t.client_plan_sha256, t.info_json"
+    " FROM rounds AS r JOIN tasks AS t ON r.task_pk = t.id"
+    f" WHERE t.population_name = :pop AND t.status = '{TaskStatus.OPEN.name}'"
+    f" AND r.status IN ({_names(ACTIVE_ROUND_STATUSES)}) ORDER BY r.id"
+).columns(*_result_columns(*(field.name for field in dataclasses.fields(OpenRound))))
+_ROUNDS_HELD = (
+    text("SELECT round_pk FROM assignments WHERE device_key = :key AND round_pk IN :round_pks")
+    .bindparams(bindparam("round_pks", expanding=True))
+    .columns(*_result_columns("round_pk"))
+)
+# The capacity check that counts: a conditional UPDATE, atomic under concurrency.
+_CLAIM = (
+    "UPDATE rounds SET active_count = active_count + 1 WHERE id = :round_pk"
+    f" AND status = '{RoundStatus.COLLECTING.name}' AND active_count < capacity"
+)
+_RELEASE = text("UPDATE rounds SET active_count = active_count - 1 WHERE id = :round_pk")
+_INSERT_ASSIGNMENT = (
+    "INSERT INTO assignments"
+    " (id, round_pk, status, client_version, created_at, status_changed_at, device_key)"
+)
+_INSERT_HISTORY = (
+    "INSERT INTO status_history (entity, entity_id, from_status, to_status, changed_at, reason)"
+)
+# Only the unique (round, device) index may skip the insert: NULL keys (anonymous devices)
+# never conflict there, so for them the insert either happens or fails the whole statement.
+_SKIP_HELD = "ON CONFLICT (round_pk, device_key) DO NOTHING RETURNING id"
+_ASSIGNED, _ENTITY = AssignmentStatus.ASSIGNED.name, EntityKind.ASSIGNMENT.name
+_NOW = bindparam("now", type_=UtcDateTime())
+# SQLite: three statements inside the BEGIN IMMEDIATE transaction, which already excludes
+# every other writer.
+_SQLITE_CLAIM = text(_CLAIM)
+_SQLITE_ASSIGNMENT = (
+    text(
+        f"{_INSERT_ASSIGNMENT} VALUES (:id, :round_pk, '{_ASSIGNED}', :version, :now, :now,"
+        f" :device_key) {_SKIP_HELD}"
+    )
+    .bindparams(_NOW)
+    .columns(column("id", String))
+)
+_SQLITE_HISTORY = text(
+    f"{_INSERT_HISTORY} VALUES ('{_ENTITY}', :id, NULL, '{_ASSIGNED}', :now, '')"
+).bindparams(_NOW)
+# PostgreSQL: one statement, one round trip, that inserts the rows only if the claim
+# succeeded. The claim locks the round's row (the one row every check-in of the round
+# writes) until the commit, so nothing but this statement and its commit may run meanwhile.
+# The commit does not wait for the WAL flush: an assignment lost in a crash costs nothing but
+# a retry (its report and upload are refused; uploads commit synchronously).
+_PG_TAKE_SLOT = (
+    text(
+        f"WITH claim AS ({_CLAIM} RETURNING id),"
+        f" assignment AS ({_INSERT_ASSIGNMENT} SELECT CAST(:id AS VARCHAR), claim.id,"
+        f" '{_ASSIGNED}', CAST(:version AS VARCHAR), :now, :now, CAST(:device_key AS VARCHAR)"
+        f" FROM claim {_SKIP_HELD}),"
+        f" history AS ({_INSERT_HISTORY} SELECT '{_ENTITY}', assignment.id, NULL,"
+        f" '{_ASSIGNED}', :now, '' FROM assignment)"
+        " SELECT (SELECT count(*) FROM claim) AS claimed,"
+        " (SELECT count(*) FROM assignment) AS inserted,"
+        " set_config('synchronous_commit', 'off', true) AS sync"
+    )
+    .bindparams(_NOW)
+    .columns(*_result_columns("claimed", "inserted", "sync"))
+)
+
+
+def active_rounds(conn: Connection, pop: str) -> list[OpenRound]:
+    """The population's rounds in an active status, of its OPEN tasks, oldest first."""
+    return [OpenRound(*row) for row in conn.execute(_ACTIVE_ROUNDS, {"pop": pop})]
+
+
+def rounds_held(conn: Connection, device_key: str | None, round_pks: list[int]) -> set[int]:
+    """Which of `round_pks` the device already holds an assignment in (none if anonymous)."""
+    if device_key is None or not round_pks:
+        return set()
+    return set(conn.scalars(_ROUNDS_HELD, {"key": device_key, "round_pks": round_pks}))
+
+
+def take_slot(
+    session: Session, round_pk: int, version_code: str, device_key: str | None, now: dt.datetime
+) -> str | None:
+    """Claims a slot of the round and writes the assignment; its id, or None if it is full.
+
+    The claim comes first and the assignment and its status change are written only if it
+    succeeded. With device auth the unique (round, device) index may still skip the
+    assignment (a concurrent check-in of the same device took the round first); the slot is
+    then given back inside the same transaction, so no other transaction ever sees it taken.
+    """
+    conn = session.connection()
+    params: dict[str, object] = {
+        "round_pk": round_pk,
+        "id": str(uuid.uuid4()),
+        "version": version_code,
+        "now": now,
+        "device_key": device_key,
+    }
+    if conn.dialect.name == "postgresql":
+        claimed, inserted, _ = conn.execute(_PG_TAKE_SLOT, params).one()
+    else:
+        claimed = conn.execute(_SQLITE_CLAIM, params).rowcount
+        inserted = claimed and len(conn.execute(_SQLITE_ASSIGNMENT, params).all())
+        if inserted:
+            conn.execute(_SQLITE_HISTORY, params)
+    if claimed != 1:
+        return None
+    if inserted != 1:
+        conn.execute(_RELEASE, params)
+        return None
+    return str(params["id"])
