@@ -16,12 +16,15 @@ odp-federated-compute.md section 1.7) with Google's `dp_accounting` 0.4.3 and no
 ODP's defaults apply to unset fields: population 3,000,000 and delta 1 / 3,000,000. The
 Poisson-sampling assumption is optimistic for check-in based selection (tff-dp-flex-facts.md
 section 3.2), so the Gaussian figures are what ODP reports, not a proof about a deployment.
-Results are cached: the same question is asked after every round.
+Results are cached: the same question is asked after every round. The worker asks ahead of
+time (`services.accounting_prefetch`) from a thread of its own, so the one-round PLD is built
+under a lock: a round close that needs it meanwhile waits for it instead of building it again.
 """
 
 import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Callable
 
 import dp_accounting
@@ -45,6 +48,8 @@ _MAX_BRACKET_STEPS = 60
 _SEARCH_DISCRETIZATION = 1e-3
 # `pld.PLDAccountant`'s default grid, which `epsilon_spent` reproduces.
 _PLD_DISCRETIZATION = 1e-4
+# Held while a PLD epsilon is computed (see the module docstring); re-entrant for the searches.
+_PLD_LOCK = threading.RLock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +163,12 @@ def epsilon_spent(setup: DpSetup, rounds: int) -> float:
         accountant = make_accountant(setup.dp_type)
         accountant.compose(make_dp_event(setup, rounds))
         return float(accountant.get_epsilon(setup.delta))
+    with _PLD_LOCK:  # a second caller finds the first one's result in the cache
+        return _pld_epsilon_spent(setup, rounds)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pld_epsilon_spent(setup: DpSetup, rounds: int) -> float:
     # What `PLDAccountant` computes for this event, bit for bit, without rebuilding the
     # one-round PLD (~2 s for q around 0.1) every time a round ends.
     step = _subsampled_gaussian_pld(setup.noise_multiplier, setup.sampling_probability)

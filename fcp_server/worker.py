@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from fcp_server.services import maintenance, rate_limits, round_close
+from fcp_server.services.accounting_prefetch import AccountingPrefetch
 from fcp_server.storage import availability
 
 _LOG = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class Worker:
         self._unreleased: dict[int, int] = {}
         # The rate-limit window whose stale counters this worker last pruned.
         self._pruned_window: int | None = None
+        # The loop's look-ahead: epsilon of the rounds still collecting, before they close.
+        self.accounting = AccountingPrefetch()
 
     def tick(self) -> TickReport:
         """One pass over every background duty; each step in its own transaction."""
@@ -88,6 +91,10 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Ticks every `worker_interval_seconds` until `stop` is set.
 
+        After every tick, and after every close between ticks, it hands the rounds still
+        collecting to `accounting` (`AccountingPrefetch`), so their epsilon is known by the
+        time they close.
+
         With `worker_close_poll_seconds` set, it also looks for rounds waiting to close every
         that many seconds between two ticks, so a round that reached its goal is aggregated
         without waiting for the next full tick. A failing step is logged and retried later:
@@ -97,12 +104,20 @@ class Worker:
         interval, poll = settings.worker_interval_seconds, settings.worker_close_poll_seconds
         while not stop.is_set():
             self._guarded(self.tick)
+            self._guarded(self._look_ahead)
             next_tick = time.monotonic() + interval
             while poll > 0 and next_tick - time.monotonic() > poll:
                 if stop.wait(poll):
                     return
-                self._guarded(self._close_rounds)
+                self._guarded(self._close_and_look_ahead)
             stop.wait(max(0.0, next_tick - time.monotonic()))
+
+    def _look_ahead(self) -> None:
+        self.accounting.look_ahead(self._deps)
+
+    def _close_and_look_ahead(self) -> None:
+        if self._close_rounds():  # a close opens the next round: start its accounting now
+            self._look_ahead()
 
     @staticmethod
     def _guarded(step: Callable[[], object]) -> None:

@@ -60,7 +60,7 @@ from fcp_server.storage.models import (
 
 _LOG = logging.getLogger(__name__)
 # Failures of a round's own data or plan: retried a bounded number of times, then FAILED.
-_EXPECTED_ERRORS = (checkpoints.CheckpointError, BlobStoreError, ValueError)
+EXPECTED_ERRORS = (checkpoints.CheckpointError, BlobStoreError, ValueError)
 
 
 class ClaimNotReleased(Exception):
@@ -291,7 +291,7 @@ def _finish(deps: Deps, rnd: Round, task: Task, claim: int) -> bool:
         out = _outputs(deps, task, rnd, claim)
     except availability.DEPENDENCY_ERRORS:
         raise  # an outage, not the round's fault: released uncounted by the caller
-    except _EXPECTED_ERRORS as e:  # StagedOutputsCorrupt is a ValueError
+    except EXPECTED_ERRORS as e:  # StagedOutputsCorrupt is a ValueError
         _LOG.warning("round %s aggregation attempt %d failed: %s", rnd.id, claim, e)
         with deps.database.sessions() as session, session.begin():
             rounds.fail_apply(

@@ -1,4 +1,5 @@
 import math
+import threading
 
 import dp_accounting
 import pytest
@@ -165,3 +166,23 @@ def test_the_cached_one_round_pld_gives_the_accountants_answer_for_any_round_ord
     accounting.epsilon_spent.cache_clear()
     for rounds in (20, 3):
         assert accounting.epsilon_spent(setup, rounds) == _pld_epsilon(0.8, 0.1, rounds, 3.3e-7)
+
+
+@pytest.mark.parametrize("callers", [2, 3])
+def test_concurrent_callers_build_one_pld(callers):
+    setup = accounting.DpSetup(DpType.FIXED_GAUSSIAN, 1.0 + callers / 64, 5, 500, 1e-5)
+    built = accounting._subsampled_gaussian_pld.cache_info().misses
+    barrier = threading.Barrier(callers)
+    results = []
+
+    def ask():
+        barrier.wait()
+        results.append(accounting.epsilon_spent(setup, 7))
+
+    threads = [threading.Thread(target=ask) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == callers and len(set(results)) == 1
+    assert accounting._subsampled_gaussian_pld.cache_info().misses == built + 1
