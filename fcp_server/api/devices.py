@@ -113,7 +113,7 @@ def create_task_assignment(pop: str) -> Response:
             session=session,
             pop=pop,
             version_code=body.client_version.version_code,
-            rng=ctx.rng_factory(),
+            rng=ctx.rng_factory,
             now=ctx.clock.now(),
             device_key=key,
         )

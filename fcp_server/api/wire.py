@@ -95,6 +95,12 @@ def parse(message_type: type[M], *, allow_empty: bool = True) -> M:
 
 def wants_json() -> bool:
     """Whether the answer should be JSON: an explicit Accept wins, else the request's format."""
+    raw = request.headers.get("Accept")
+    # Devices send one of the two types or nothing: no need to parse a header list then.
+    if raw in (PROTOBUF, JSON):
+        return raw == JSON
+    if not raw:
+        return _media_type(request.headers.get("Content-Type")) == JSON
     accept = request.accept_mimetypes
     if any(value in (PROTOBUF, JSON) for value, _quality in accept):
         return accept.best_match([PROTOBUF, JSON]) == JSON

@@ -20,7 +20,7 @@ import dataclasses
 import datetime as dt
 import enum
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -107,14 +107,23 @@ def rate(rnd: OpenRound, version: int, *, already_assigned: bool = False) -> Rat
     return Rating.SUCCESS
 
 
-def draw_weighted(weights: list[int], rng: np.random.Generator) -> int | None:
-    """Index drawn with probability weight/sum; zero weights are never drawn; None if all 0."""
+def draw_weighted(
+    weights: list[int], rng: np.random.Generator | Callable[[], np.random.Generator]
+) -> int | None:
+    """Index drawn with probability weight/sum; zero weights are never drawn; None if all 0.
+
+    `rng` may be a generator or a function returning one, called only when there is a choice
+    to make: a lone positive weight is returned without a draw.
+    """
     if any(w < 0 for w in weights):
         raise ValueError(f"traffic weights must be >= 0, got {weights}")
     total = sum(weights)
     if total == 0:
         return None
-    point = int(rng.integers(0, total))  # uniform in [0, total)
+    if total in weights:  # one positive weight: certain, nothing to draw
+        return weights.index(total)
+    generator = rng if isinstance(rng, np.random.Generator) else rng()
+    point = int(generator.integers(0, total))  # uniform in [0, total)
     for index, weight in enumerate(weights):
         if point < weight:
             return index
@@ -142,7 +151,7 @@ def check_in(
     session: Session,
     pop: str,
     version_code: str,
-    rng: np.random.Generator,
+    rng: Callable[[], np.random.Generator],
     now: dt.datetime,
     device_key: str | None = None,
 ) -> Assigned | Rejection:
@@ -152,7 +161,8 @@ def check_in(
         session: Open session inside the caller's transaction.
         pop: Population name.
         version_code: The device's ClientVersion.version_code.
-        rng: Source of the weighted draw between training and eval rounds.
+        rng: Returns the generator of the weighted draw between rounds; called only when
+            there is more than one round to draw from.
         now: Current time.
         device_key: SHA-256 of the device's token (device auth on), else None (anonymous).
 

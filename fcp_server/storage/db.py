@@ -4,19 +4,25 @@ SQLite (the embedded default) is opened in WAL mode with a busy timeout and fore
 and every transaction starts with `BEGIN IMMEDIATE`: SQLite cannot upgrade a read lock to a
 write lock under contention (it fails with "database is locked" instead of waiting), so
 writers take the lock up front and simply queue. PostgreSQL (`postgresql+psycopg://`) runs at
-READ COMMITTED; correctness there comes from the conditional UPDATEs in `transitions`.
+READ COMMITTED; correctness there comes from the conditional UPDATEs in `transitions`. A
+pooled PostgreSQL connection is tested with a `SELECT 1` before use only when it sat idle for
+`PG_PING_IDLE_SECONDS` (the pessimistic disconnect handling of SQLAlchemy's pooling guide,
+limited to connections that could have gone stale): pinging every checkout cost one round trip
+per request. A connection that breaks while in use is invalidated, with the rest of the pool,
+by SQLAlchemy's disconnect detection, and the request answers 503 (`storage.availability`).
 
 Sessions never commit by themselves: the request or CLI boundary owns `with session.begin():`
 (SQLAlchemy 2.0 session basics), and `expire_on_commit=False` keeps returned rows readable.
 """
 
 import dataclasses
+import time
 from importlib import resources
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
@@ -26,6 +32,8 @@ from fcp_server import fault_points
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # libpq waits forever for an unresponsive server by default; a request must get its 503 first.
 PG_CONNECT_TIMEOUT_S = 10
+# Pooled PostgreSQL connections idle at least this long are pinged before use.
+PG_PING_IDLE_SECONDS = 1.0
 _SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 
 
@@ -70,7 +78,6 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # re-ran the PRAGMAs and, closing the last one, checkpointed the WAL on every request.
         kwargs.setdefault("poolclass", QueuePool)
     else:
-        kwargs.setdefault("pool_pre_ping", True)
         if "connect_timeout" not in parsed.query:  # a URL's own ?connect_timeout= wins
             kwargs.setdefault("connect_args", {}).setdefault(
                 "connect_timeout", PG_CONNECT_TIMEOUT_S
@@ -78,9 +85,27 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     engine = create_engine(parsed, **kwargs)
     if backend == "sqlite":
         _configure_sqlite(engine)
+    elif not kwargs.get("pool_pre_ping"):  # a caller's pre-ping on every checkout wins
+        _ping_idle_connections(engine, PG_PING_IDLE_SECONDS)
     if fault_points.armed():  # crash tests only: a kill point just before every COMMIT
         event.listen(engine, "commit", lambda _conn: fault_points.hit("db.commit"))
     return engine
+
+
+def _ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["fcp_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("fcp_idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < idle_seconds:
+            return  # new, or used a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)  # what pool_pre_ping runs
+        except Exception as e:  # any failure: the pool discards it and checks out another
+            raise exc.DisconnectionError(f"stale pooled connection: {e}") from e
 
 
 def _configure_sqlite(engine: Engine) -> None:

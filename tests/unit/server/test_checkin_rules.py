@@ -21,6 +21,20 @@ def test_zero_weight_after_a_nonzero_does_not_steal_traffic():
     assert {checkin.draw_weighted([5, 0], rng) for _ in range(200)} == {0}
 
 
+def test_the_generator_is_made_only_when_there_is_a_choice():
+    made, rng = [], np.random.default_rng(3)
+
+    def factory():
+        made.append(1)
+        return rng
+
+    assert checkin.draw_weighted([0, 7, 0], factory) == 1
+    assert made == []
+    draws = {checkin.draw_weighted([0, 7, 0, 2], factory) for _ in range(200)}
+    assert draws == {1, 3}
+    assert len(made) == 200
+
+
 def test_all_zero_weights_draw_nothing_and_negative_weights_are_refused():
     rng = np.random.default_rng(2)
     assert checkin.draw_weighted([0, 0], rng) is None
