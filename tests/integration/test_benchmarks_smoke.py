@@ -52,6 +52,7 @@ def test_quick_run_writes_every_figure(tmp_path):
     body = json.loads(out.read_text())
     assert body["environment"]["quick"] is True
     assert body["environment"]["errors"] == {}
+    assert body["environment"]["isolation"] == "one child process per benchmark"
     counts: dict[str, int] = {}
     for figure in body["figures"]:
         counts[figure["benchmark"]] = counts.get(figure["benchmark"], 0) + 1

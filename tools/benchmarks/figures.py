@@ -121,3 +121,11 @@ def write_json(
     """Writes {"environment": ..., "figures": [...]} to `path`."""
     body = {"environment": environment, "figures": [f.as_json() for f in figures]}
     path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: pathlib.Path) -> tuple[list[Figure], dict[str, object]]:
+    """Reads what `write_json` wrote: the figures and the environment."""
+    body = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(Figure)}
+    figures = [Figure(**{k: v for k, v in row.items() if k in fields}) for row in body["figures"]]
+    return figures, dict(body["environment"])

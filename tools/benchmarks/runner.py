@@ -1,6 +1,9 @@
 """`python -m tools.benchmarks`: runs B1-B7, prints the results table and writes JSON.
 
 Options: `--quick` (small sizes, a smoke test), `--only B1,B3`, `--out results.json`.
+Each benchmark runs in a fresh child process: what one leaves behind (TensorFlow's thread
+pools and TFF's `worker_binary` after B2, allocator state, caches) cannot slow the next one,
+and the child's exit ends every process it started.
 B2 and B7 need TensorFlow/TFF (the `ml` extra); the others need only the server install,
 plus PostgreSQL on 127.0.0.1:5432 for B4 (`FCP_BENCH_POSTGRES_URL` overrides the admin URL).
 """
@@ -11,7 +14,9 @@ import os
 import pathlib
 import platform
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -20,6 +25,7 @@ from types import FrameType
 from tools.benchmarks import figures
 from tools.benchmarks.figures import Figure
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCHMARKS: dict[str, str] = {
     "B1": "b1_aggregation",
     "B2": "b2_tff_aggregation",
@@ -64,29 +70,68 @@ def run_benchmark(key: str, quick: bool) -> list[Figure]:
     return run(quick)
 
 
+def run_in_child(key: str, quick: bool) -> list[Figure]:
+    """Runs one benchmark in a child process of its own and returns its figures.
+
+    Raises:
+        RuntimeError: The benchmark failed, or its process ended without writing figures.
+    """
+    with tempfile.TemporaryDirectory(prefix="fcp-bench-") as tmp:
+        out = pathlib.Path(tmp) / "figures.json"
+        cmd = [sys.executable, "-m", "tools.benchmarks", "--only", key, "--out", str(out)]
+        cmd += ["--child", *(["--quick"] if quick else [])]
+        child = subprocess.Popen(cmd, cwd=ROOT)
+        try:
+            code = child.wait()
+        finally:  # this process was stopped: stop the child (its handler ends its servers)
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+        if not out.exists():
+            raise RuntimeError(f"{key}'s process exited with code {code} and wrote no figures")
+        results, environment = figures.read_json(out)
+        errors = environment.get("errors") or {}
+        if isinstance(errors, dict) and key in errors:
+            raise RuntimeError(str(errors[key]))
+        return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the selected benchmarks; exit code 1 if any of them failed to run."""
     parser = argparse.ArgumentParser(prog="python -m tools.benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     parser.add_argument("--only", type=_selection, default=None, help="e.g. B1,B3")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmark-results.json"))
+    # Internal: run the selection in this process and skip the table (a parent's child).
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     selected: list[str] = args.only or list(BENCHMARKS)
     environment = _environment(args.quick)
+    environment["isolation"] = "one child process per benchmark"
     results: list[Figure] = []
     errors: dict[str, str] = {}
     for key in selected:
         started = time.monotonic()
-        print(f"== {key} ({BENCHMARKS[key]})", flush=True)
+        if not args.child:
+            print(f"== {key} ({BENCHMARKS[key]})", flush=True)
         try:
-            results.extend(run_benchmark(key, args.quick))
+            run = run_benchmark if args.child else run_in_child
+            results.extend(run(key, args.quick))
         except Exception as e:  # one broken benchmark must not hide the others' figures
             errors[key] = f"{type(e).__name__}: {e}"
             print(f"   failed: {errors[key]}", file=sys.stderr, flush=True)
             traceback.print_exc()
-        print(f"   {time.monotonic() - started:.0f} s", flush=True)
+        if not args.child:
+            print(f"   {time.monotonic() - started:.0f} s", flush=True)
     environment["errors"] = errors
+    if args.child:
+        figures.write_json(args.out, results, environment)
+        return 1 if errors else 0
     print()
     print(figures.table(results))
     for f in results:
