@@ -7,7 +7,10 @@ are zeroed as `tff.aggregators.zeroing_factory` does, and `N(0, (z * C)^2)` nois
 the sum. All functions are pure; randomness comes from an injected `np.random.Generator`.
 """
 
+import concurrent.futures
+import functools
 import math
+import os
 import secrets
 from collections.abc import Sequence
 
@@ -18,6 +21,10 @@ from fcp_server.aggregation.state import Tensor, Tensors
 
 # 256 bits of OS entropy: the noise must not be predictable from anything an attacker sees.
 _SEED_BITS = 256
+# Elements per independently seeded block of noise (1 MiB of float64) and the most threads
+# drawing blocks at once.
+_NOISE_BLOCK = 1 << 17
+_MAX_NOISE_THREADS = 4
 
 
 def global_l2_norm(tensors: Sequence[Tensor]) -> float:
@@ -132,6 +139,11 @@ def noise_stddev(noise_multiplier: float, clip: float) -> float:
 def add_gaussian_noise(tensors: Sequence[Tensor], std: float, rng: np.random.Generator) -> Tensors:
     """Adds independent N(0, std^2) noise to every element (computed in float64).
 
+    The noise is drawn in blocks of `_NOISE_BLOCK` elements, each from its own stream spawned
+    from `rng` (numpy's `Generator.spawn`: independent streams derived from `rng`'s seed), and
+    the blocks are drawn in parallel threads. The block size is fixed, so the noise depends only
+    on `rng`, never on the number of threads.
+
     Args:
         tensors: Floating arrays.
         std: Noise standard deviation, >= 0.
@@ -145,15 +157,37 @@ def add_gaussian_noise(tensors: Sequence[Tensor], std: float, rng: np.random.Gen
     """
     if not (math.isfinite(std) and std >= 0.0):
         raise ValueError(f"Noise `std` must be a non-negative finite number, found {std}.")
-    noised = []
     for t in tensors:
         if not np.issubdtype(t.dtype, np.floating):
             raise ValueError(f"Gaussian noise needs floating tensors, found dtype {t.dtype}.")
-        # The float64 noise array takes the sum in place: no float64 copy of the tensor.
-        noise = rng.normal(loc=0.0, scale=std, size=t.shape)
-        noise += t
-        noised.append(noise.astype(t.dtype, copy=False))
-    return tuple(noised)
+    # The float64 output takes the noise and then the tensor: no float64 copy of the tensor.
+    noised = [np.empty(t.shape, dtype=np.float64) for t in tensors]
+    blocks = [
+        (out_flat[start : start + _NOISE_BLOCK], flat[start : start + _NOISE_BLOCK])
+        for out, t in zip(noised, tensors, strict=True)
+        for out_flat, flat in [(out.reshape(-1), t.reshape(-1))]
+        for start in range(0, flat.size, _NOISE_BLOCK)
+    ]
+    streams = rng.spawn(len(blocks))
+
+    def draw(block: tuple[Tensor, Tensor], stream: np.random.Generator) -> None:
+        out, values = block
+        stream.standard_normal(out=out)  # numpy fills it without holding the GIL
+        np.multiply(out, std, out=out)
+        np.add(out, values, out=out)
+
+    if len(blocks) > 1:
+        list(_noise_threads().map(draw, blocks, streams))
+    else:
+        for block, stream in zip(blocks, streams, strict=True):
+            draw(block, stream)
+    return tuple(out.astype(t.dtype, copy=False) for out, t in zip(noised, tensors, strict=True))
+
+
+@functools.cache
+def _noise_threads() -> concurrent.futures.ThreadPoolExecutor:
+    workers = max(1, min(os.cpu_count() or 1, _MAX_NOISE_THREADS))
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fcp-noise")
 
 
 def make_noise_rng() -> np.random.Generator:

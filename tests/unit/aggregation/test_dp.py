@@ -96,6 +96,31 @@ def test_gaussian_noise_has_the_requested_moments():
     assert abs(noised.mean()) < 6 * std / math.sqrt(n)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_gaussian_noise_depends_on_the_generator_only_not_on_the_threads(monkeypatch, threads):
+    # Several blocks per tensor, and a tensor smaller than one block.
+    shapes = [(3 * dp._NOISE_BLOCK + 5,), (7, 3)]
+    tensors = [np.zeros(s, np.float64) for s in shapes]
+    monkeypatch.setattr(dp, "_MAX_NOISE_THREADS", 1)
+    dp._noise_threads.cache_clear()
+    reference = dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(7))
+    monkeypatch.setattr(dp, "_MAX_NOISE_THREADS", threads)
+    dp._noise_threads.cache_clear()
+    try:
+        again = dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(7))
+    finally:
+        dp._noise_threads.cache_clear()
+    for a, b in zip(reference, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Each block has a stream of its own: no two blocks repeat each other's values.
+    flat = reference[0]
+    first, second = flat[: dp._NOISE_BLOCK], flat[dp._NOISE_BLOCK : 2 * dp._NOISE_BLOCK]
+    assert not np.array_equal(first, second)
+    # A different generator gives different noise.
+    other = dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(8))
+    assert not np.array_equal(other[1], reference[1])
+
+
 def test_gaussian_noise_keeps_dtype_and_shape_and_zero_std_is_identity():
     x = (np.ones((3, 2), np.float32),)
     (out,) = dp.add_gaussian_noise(x, 0.0, np.random.default_rng(0))
