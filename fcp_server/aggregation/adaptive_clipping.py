@@ -167,5 +167,6 @@ class AdaptiveGaussianQuery:
                 "dp/effective_noise_multiplier": p.noise_multiplier,
             }
         )
-        mean = tuple(t / m for t in noised)
+        # The noised arrays are new: divided in place.
+        mean = tuple(np.divide(t, m, out=t) for t in noised)
         return QueryResult(mean, metrics, {CLIP_KEY: np.array(new_clip, dtype=np.float64)})

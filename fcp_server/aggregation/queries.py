@@ -127,7 +127,8 @@ class FixedGaussianQuery(FixedClip):
         check_records(num_records, below_threshold, needs_count=False)
         std = dp.noise_stddev(self.noise_multiplier, self.clip)
         noised = dp.add_gaussian_noise(total, std, rng)
-        mean = tuple(t / self.clients_per_round for t in noised)
+        # The noised arrays are new: divided in place.
+        mean = tuple(np.divide(t, self.clients_per_round, out=t) for t in noised)
         std_of_mean = std / self.clients_per_round
         return QueryResult(
             mean, dp_facts(self.noise_multiplier, self.clip, std_of_mean, self.clients_per_round)

@@ -150,3 +150,16 @@ def test_adam_equals_tff_build_adam():
         np.testing.assert_allclose(
             state[f"preconditioner/{i}"], tff_state["preconditioner"][i].numpy(), rtol=1e-6
         )
+
+
+def test_plain_sgd_is_bit_identical_to_w_minus_lr_g():
+    rng = np.random.default_rng(11)
+    weights = [rng.normal(size=(64, 33)).astype(np.float32), rng.normal(size=7).astype(np.float32)]
+    grads = [rng.normal(size=w.shape).astype(np.float32) for w in weights]
+    opt = optimizers.build_server_optimizer(
+        plan_pb2.OptimizerSpec(type=task_builder_pb2.Optimizer.SGD, learning_rate=0.37)
+    )
+    _, new = opt.next(opt.initialize(weights), weights, grads)
+    for w, g, n in zip(weights, grads, new, strict=True):
+        assert n.dtype == np.float32
+        np.testing.assert_array_equal(n, w - np.float32(0.37) * g)
