@@ -190,6 +190,10 @@ def _noise_threads() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fcp-noise")
 
 
+# A forked child inherits the pool object but not its threads: it must make its own.
+os.register_at_fork(after_in_child=_noise_threads.cache_clear)
+
+
 def make_noise_rng() -> np.random.Generator:
     """Returns a generator seeded from OS entropy, never from data or a fixed seed.
 

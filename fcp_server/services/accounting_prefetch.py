@@ -89,7 +89,7 @@ class AccountingPrefetch:
     def _submit(self, job: _Job) -> None:
         self._jobs.put(job)
         with self._lock:
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # also after a fork
                 # A daemon: accounting ahead of time must never keep the process alive.
                 self._thread = threading.Thread(
                     target=self._run, name="fcp-accounting-prefetch", daemon=True

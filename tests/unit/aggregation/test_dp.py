@@ -1,4 +1,7 @@
 import math
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -119,6 +122,29 @@ def test_gaussian_noise_depends_on_the_generator_only_not_on_the_threads(monkeyp
     # A different generator gives different noise.
     other = dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(8))
     assert not np.array_equal(other[1], reference[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_draws_noise_with_threads_of_its_own():
+    tensors = [np.zeros(2 * dp._NOISE_BLOCK, np.float64)]
+    dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(1))  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: the inherited pool has no threads; a hang would be the bug
+        try:
+            (out,) = dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(1))
+            os._exit(0 if out.std() > 0.5 else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("noise in a forked child did not finish within 60 s")
 
 
 def test_gaussian_noise_keeps_dtype_and_shape_and_zero_std_is_identity():
