@@ -62,6 +62,9 @@ _DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }  # fmt: skip
+# The little-endian numpy dtype of each safetensors dtype, built once (numpy's constructors
+# cost microseconds per call, and every tensor of every update needs one).
+_NUMPY_DTYPES = {key: np.dtype(name).newbyteorder("<") for key, name in _DTYPES.items()}
 
 Spec = tuple[tuple[int, ...], np.dtype[Any]]
 
@@ -152,7 +155,7 @@ def _check_entry(name: str, info: Any) -> None:
         isinstance(o, int) and o >= 0 for o in offsets
     ):
         raise CheckpointError(f"Tensor {name!r} has invalid data offsets {offsets!r}.")
-    nbytes = math.prod(shape) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+    nbytes = math.prod(shape) * _NUMPY_DTYPES[info["dtype"]].itemsize
     if offsets[1] - offsets[0] != nbytes:
         raise CheckpointError(f"Tensor {name!r} data size does not match its shape and dtype.")
 
@@ -171,7 +174,7 @@ def decode_tensors(data: bytes, *, max_bytes: int) -> tuple[dict[str, Tensor], d
     tensors = {}
     for name, info in header.entries.items():
         begin, end = info["data_offsets"]
-        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+        dtype = _NUMPY_DTYPES[info["dtype"]]
         flat = np.frombuffer(
             data,
             dtype=dtype,
