@@ -2,9 +2,10 @@
 
 The epsilon a round close records (`dp_budget.after_rounds`) depends only on the task's DP
 setup and on how many rounds will have been aggregated, and both are known as soon as a round
-starts collecting. Building the one-round PLD of the Poisson-sampled Gaussian (Koskela et al.
-2020, arXiv 1906.03049; `dp_accounting`'s connect-the-dots grid) takes seconds for sampling
-rates around 0.1, and composing it takes about 0.1 s per round count: time that would otherwise
+starts collecting. Building the one-round privacy loss distribution of the Poisson-sampled
+Gaussian (`dp_accounting`'s connect-the-dots discretisation, Doroshenko et al. 2022, arXiv
+2207.04380) takes seconds for sampling rates around 0.1, and composing it (by FFT, Koskela et
+al. 2020, arXiv 1906.03049) about 0.1 s per round count: time that would otherwise
 sit between a round's last upload and its checkpoint. The worker hands every COLLECTING
 training round of a DP task to one daemon thread, which asks `dp_budget.after_rounds` the
 question the close will ask. `accounting`'s caches keep the answers, and its lock makes a close
