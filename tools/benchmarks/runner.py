@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from tools.benchmarks import figures
+from tools.benchmarks import figures, servers
 from tools.benchmarks.figures import Figure
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -80,17 +80,13 @@ def run_in_child(key: str, quick: bool) -> list[Figure]:
         out = pathlib.Path(tmp) / "figures.json"
         cmd = [sys.executable, "-m", "tools.benchmarks", "--only", key, "--out", str(out)]
         cmd += ["--child", *(["--quick"] if quick else [])]
-        child = subprocess.Popen(cmd, cwd=ROOT)
+        # A session of its own: stopping it stops every server and process it started.
+        child = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
         try:
             code = child.wait()
-        finally:  # this process was stopped: stop the child (its handler ends its servers)
+        finally:  # this process was stopped (SIGTERM, Ctrl-C): stop the child's session too
             if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+                servers.stop_group(child)
         if not out.exists():
             raise RuntimeError(f"{key}'s process exited with code {code} and wrote no figures")
         results, environment = figures.read_json(out)

@@ -14,6 +14,7 @@ from fcp_server.services.round_close import Deps
 from fcp_server.settings import ServerSettings
 from fcp_server.storage.blobs import make_blob_store
 from fcp_server.worker import Worker
+from tests.integration.server import testkit
 from tests.integration.server.testkit import Api
 
 
@@ -82,3 +83,13 @@ def worker(ctx):
         metrics=ctx.metrics,
     )
     return Worker(deps)
+
+
+@pytest.fixture
+def reported(api):
+    """An open task (goal 2) and one assignment that reported COMPLETED."""
+    api.open_training(testkit.training_task(report_goal=2, max_size=4))
+    a = api.assign()
+    resp, answer = api.report(a)
+    assert resp.status_code == 200
+    return a, answer.upload_instruction.upload_location

@@ -16,16 +16,6 @@ from tests.integration.server import testkit
 from tests.integration.server.testkit import POP
 
 
-@pytest.fixture
-def reported(api):
-    """An open task (goal 2) and one assignment that reported COMPLETED."""
-    api.open_training(testkit.training_task(report_goal=2, max_size=4))
-    a = api.assign()
-    resp, answer = api.report(a)
-    assert resp.status_code == 200
-    return a, answer.upload_instruction.upload_location
-
-
 def _blob(a):
     return blob_paths.gradient_blob(POP, 1, 1, a.proto.assignment_id)
 
