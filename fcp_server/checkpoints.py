@@ -102,7 +102,7 @@ class _Header:
     metadata: dict[str, str]
 
 
-def _check_header(data: bytes, max_bytes: int) -> _Header:
+def _check_header(data: bytes | memoryview, max_bytes: int) -> _Header:
     if len(data) > max_bytes:
         raise CheckpointError(f"Blob is {len(data)} bytes, the limit is {max_bytes}.")
     if len(data) < 8:
@@ -111,7 +111,7 @@ def _check_header(data: bytes, max_bytes: int) -> _Header:
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
         raise CheckpointError(f"Safetensors header length {header_len} is out of bounds.")
     try:
-        header = json.loads(data[8 : 8 + header_len], object_pairs_hook=_no_duplicates)
+        header = json.loads(bytes(data[8 : 8 + header_len]), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"Safetensors header is not valid JSON: {e}") from e
     if not isinstance(header, dict):
@@ -160,7 +160,9 @@ def _check_entry(name: str, info: Any) -> None:
         raise CheckpointError(f"Tensor {name!r} data size does not match its shape and dtype.")
 
 
-def decode_tensors(data: bytes, *, max_bytes: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+def decode_tensors(
+    data: bytes | memoryview, *, max_bytes: int
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Parses safetensors bytes after checking the header; returns (tensors, metadata).
 
     The arrays are read-only views into `data` (no copy: an update is read at memory speed
@@ -250,7 +252,7 @@ def _check_finite(name: str, t: Tensor, error: type[CheckpointError]) -> None:
 
 
 def decode_update(
-    data: bytes,
+    data: bytes | memoryview,
     plan: plan_pb2.ServerPlan,
     *,
     max_bytes: int,

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, g, request
 from google.protobuf import duration_pb2
 
 from fcp_server import errors, fault_points
-from fcp_server.api import wire
+from fcp_server.api import bodies, wire
 from fcp_server.api.context import db_session, server
 from fcp_server.protos import common_pb2, task_assignments_pb2
 from fcp_server.services import auth, blob_paths, checkin, rate_limits, reports, tasks, uploads
@@ -182,7 +182,7 @@ def upload(pop: str, task_id: int, round_id: int, assignment_id: str) -> Respons
             blobs=ctx.blobs,
             plans=ctx.plans,
             ids=(pop, task_id, round_id, assignment_id),
-            body=wire.read_body(limit),
+            body=bodies.read_update(limit),
             content_encoding=request.headers.get("Content-Encoding", ""),
             now=ctx.clock.now(),
             max_bytes=limit,

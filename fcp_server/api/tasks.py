@@ -10,7 +10,7 @@ serialise.
 from flask import Blueprint, Response, request
 
 from fcp_server import errors
-from fcp_server.api import wire
+from fcp_server.api import bodies, wire
 from fcp_server.api.context import db_session, server
 from fcp_server.protos import task_pb2
 from fcp_server.services import artifacts, auth, blob_paths, task_open, tasks
@@ -61,7 +61,7 @@ def put_artifact(pop: str, task_id: int, kind: str) -> Response:
     if kind not in blob_paths.ARTIFACT_KINDS:
         raise errors.NotFound(f"unknown artifact {kind!r}")
     ctx, session = server(), db_session()
-    data = wire.read_body(ctx.settings.max_artifact_bytes)
+    data = bodies.read_body(ctx.settings.max_artifact_bytes)
     with session.begin():
         artifacts.put_artifact(
             session=session,

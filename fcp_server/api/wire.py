@@ -14,23 +14,13 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from fcp_server import errors
+from fcp_server.api.bodies import read_body
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 _PROTOBUF_ALIASES = (PROTOBUF, "application/protobuf", "application/octet-stream")
 MAX_MESSAGE_BYTES = 1024 * 1024
 M = TypeVar("M", bound=Message)
-
-
-def read_body(max_bytes: int) -> bytes:
-    """The request body, refusing more than `max_bytes` before reading it all."""
-    declared = request.content_length
-    if declared is not None and declared > max_bytes:
-        raise errors.PayloadTooLarge(f"body is {declared} bytes, the limit is {max_bytes}")
-    data = request.stream.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise errors.PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
-    return data
 
 
 def _media_type(header: str | None) -> str:

@@ -12,7 +12,7 @@ from fcp_server import errors
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 
-def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:
+def gunzip_bounded(data: bytes | memoryview, max_bytes: int) -> bytes:
     """Decompresses one gzip member, refusing more than `max_bytes` of output.
 
     Raises:

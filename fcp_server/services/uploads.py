@@ -113,7 +113,9 @@ def _prepare(
     return _Target(assignment.id, assignment.round_pk, blob, found.task, already)
 
 
-def decode_body(body: bytes, content_encoding: str, max_bytes: int) -> bytes:
+def decode_body(
+    body: bytes | memoryview, content_encoding: str, max_bytes: int
+) -> bytes | memoryview:
     """The raw update from the request body (identity or gzip), bounded."""
     encoding = content_encoding.strip().lower()
     if len(body) > max_bytes:
@@ -125,7 +127,7 @@ def decode_body(body: bytes, content_encoding: str, max_bytes: int) -> bytes:
     raise errors.UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported (use gzip)")
 
 
-def _store_once(blobs: BlobStore, name: str, data: bytes, digest: str) -> bool:
+def _store_once(blobs: BlobStore, name: str, data: bytes | memoryview, digest: str) -> bool:
     """Create-only write; True if this call created the blob."""
     if blobs.put_if_absent(name, data, sha256=digest):
         return True
@@ -185,7 +187,7 @@ def accept_upload(
     blobs: BlobStore,
     plans: PlanCache,
     ids: tuple[str, int, int, str],
-    body: bytes,
+    body: bytes | memoryview,
     content_encoding: str,
     now: dt.datetime,
     max_bytes: int,

@@ -34,6 +34,9 @@ from typing import Final
 from urllib.parse import unquote, urlsplit
 
 DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
+# What a blob is written from: bytes, or a read-only view such as an upload read into a memory
+# mapping of its own (stored without first copying it into a bytes object).
+BlobContent = bytes | memoryview
 # GCS's own limit on an object name in UTF-8 bytes; a bucket prefix uses part of it.
 MAX_NAME_BYTES: Final = 1024
 # A segment becomes a file or directory name (plus a suffix); file systems allow 255 bytes.
@@ -169,7 +172,9 @@ def check_sha256(sha256: object) -> str:
     return sha256
 
 
-def encode_content(data: bytes, *, gzip: bool, sha256: str | None = None) -> tuple[bytes, str]:
+def encode_content(
+    data: BlobContent, *, gzip: bool, sha256: str | None = None
+) -> tuple[BlobContent, str]:
     """Returns the bytes to store for `data` and the hex SHA-256 of the uncompressed content.
 
     `sha256`, when given, is the caller's digest of `data` and is used as is: uploads hash the
@@ -179,7 +184,10 @@ def encode_content(data: bytes, *, gzip: bool, sha256: str | None = None) -> tup
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
-    content = bytes(data)  # no copy for bytes
+    if isinstance(data, memoryview) and data.readonly:
+        content: BlobContent = data.cast("B")  # counted in bytes; no copy of an upload
+    else:
+        content = bytes(data)  # no copy for bytes; a mutable buffer is frozen first
     stored = gzip_lib.compress(content, compresslevel=_GZIP_LEVEL, mtime=0) if gzip else content
     digest = hashlib.sha256(content).hexdigest() if sha256 is None else check_sha256(sha256)
     return stored, digest
@@ -279,7 +287,7 @@ class BlobStore(abc.ABC):
     def put(
         self,
         name: str,
-        data: bytes,
+        data: BlobContent,
         *,
         gzip: bool = False,
         content_type: str = DEFAULT_CONTENT_TYPE,
@@ -307,7 +315,7 @@ class BlobStore(abc.ABC):
     def put_if_absent(
         self,
         name: str,
-        data: bytes,
+        data: BlobContent,
         *,
         gzip: bool = False,
         content_type: str = DEFAULT_CONTENT_TYPE,

@@ -152,7 +152,7 @@ class GcsBlobStore(blobs.BlobStore):
     def _upload(
         self,
         name: str,
-        data: bytes,
+        data: blobs.BlobContent,
         gzip: bool,
         content_type: str,
         sha256: str | None,
@@ -167,7 +167,7 @@ class GcsBlobStore(blobs.BlobStore):
         blob.content_encoding = "gzip" if gzip else None
         blob.metadata = {_SHA256_KEY: digest}
         blob.upload_from_string(
-            stored,
+            bytes(stored),  # the client library takes bytes only (no copy for bytes)
             content_type=ctype,
             timeout=self._timeout,
             retry=self._retry,
@@ -178,7 +178,7 @@ class GcsBlobStore(blobs.BlobStore):
     def put(
         self,
         name: str,
-        data: bytes,
+        data: blobs.BlobContent,
         *,
         gzip: bool = False,
         content_type: str = blobs.DEFAULT_CONTENT_TYPE,
@@ -192,7 +192,7 @@ class GcsBlobStore(blobs.BlobStore):
     def put_if_absent(
         self,
         name: str,
-        data: bytes,
+        data: blobs.BlobContent,
         *,
         gzip: bool = False,
         content_type: str = blobs.DEFAULT_CONTENT_TYPE,

@@ -20,6 +20,7 @@ from fcp_server import fault_points
 from fcp_server.storage.blobs import (
     DEFAULT_CONTENT_TYPE,
     BlobBackendError,
+    BlobContent,
     BlobCorrupt,
     BlobInfo,
     BlobNotFound,
@@ -129,7 +130,7 @@ class LocalBlobStore(BlobStore):
         *dirs, leaf = validate_name(name).split("/")
         return self._root.joinpath(*(d + _DIR_SUFFIX for d in dirs), leaf + _FILE_SUFFIX)
 
-    def _write_temp(self, directory: Path, header: bytes, stored: bytes) -> str:
+    def _write_temp(self, directory: Path, header: bytes, stored: BlobContent) -> str:
         _make_dirs(directory)
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
         try:
@@ -146,8 +147,8 @@ class LocalBlobStore(BlobStore):
         return tmp
 
     def _prepare(
-        self, name: str, data: bytes, gzip: bool, content_type: str, sha256: str | None
-    ) -> tuple[Path, bytes, bytes, BlobInfo]:
+        self, name: str, data: BlobContent, gzip: bool, content_type: str, sha256: str | None
+    ) -> tuple[Path, bytes, BlobContent, BlobInfo]:
         path = self._path(name)
         ctype = check_content_type(content_type)
         stored, digest = encode_content(data, gzip=gzip, sha256=sha256)
@@ -160,7 +161,7 @@ class LocalBlobStore(BlobStore):
     def put(
         self,
         name: str,
-        data: bytes,
+        data: BlobContent,
         *,
         gzip: bool = False,
         content_type: str = DEFAULT_CONTENT_TYPE,
@@ -174,7 +175,7 @@ class LocalBlobStore(BlobStore):
     def put_if_absent(
         self,
         name: str,
-        data: bytes,
+        data: BlobContent,
         *,
         gzip: bool = False,
         content_type: str = DEFAULT_CONTENT_TYPE,
@@ -191,7 +192,7 @@ class LocalBlobStore(BlobStore):
         name: str,
         path: Path,
         header: bytes,
-        stored: bytes,
+        stored: BlobContent,
         publish: Callable[[str, Path], bool],
     ) -> bool:
         """Writes a temporary file next to `path` and lets `publish` move it there.

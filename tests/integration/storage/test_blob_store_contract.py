@@ -3,6 +3,7 @@ API emulator (marked gcs), plus backend-specific checks and the URL factory."""
 
 import gzip
 import hashlib
+import mmap
 import os
 import resource
 import signal
@@ -23,6 +24,7 @@ from fcp_server.storage.blobs import (
 )
 
 ALL_BYTES = bytes(range(256)) * 4
+ALL_BYTES_SHA256 = hashlib.sha256(ALL_BYTES).hexdigest()
 
 INVALID_NAMES = [
     "",
@@ -199,6 +201,20 @@ class TestBlobStoreContract:
         assert store.get("empty") == b""
         assert store.exists("empty")
         assert (info.size == 0) is not use_gzip
+
+    @pytest.mark.parametrize("use_gzip", [False, True])
+    def test_buffers_are_stored_as_their_bytes(self, store, use_gzip):
+        # An upload arrives as a read-only view of a memory mapping; any buffer is stored as
+        # its content at the time of the call.
+        mapping = mmap.mmap(-1, len(ALL_BYTES))
+        mapping[:] = ALL_BYTES
+        assert store.put_if_absent("mapped", memoryview(mapping).toreadonly(), gzip=use_gzip)
+        mutable = bytearray(ALL_BYTES)
+        store.put("mutable", memoryview(mutable), gzip=use_gzip, sha256=ALL_BYTES_SHA256)
+        mutable[:] = bytes(len(mutable))
+        assert store.get("mapped") == ALL_BYTES
+        assert store.get("mutable") == ALL_BYTES
+        assert store.stat("mapped").sha256 == ALL_BYTES_SHA256
 
     def test_unicode_names(self, store):
         store.put("données/模型/ok", b"1")
