@@ -5,10 +5,20 @@ real upload endpoint: bounded gunzip (gzip on), `decode_update` validation, the 
 blob write and the counting transaction on SQLite; the devices were checked in and reported
 COMPLETED before the clock starts. The load comes from 2 spawned processes x 2 threads that
 PUT pre-built update bodies (MB/s counts uncompressed update bytes, identical on both sides).
+
+The bare app stores nothing, while every accepted update must be on disk before it is
+acknowledged. A third figure therefore compares ingest with gzip off against the disk itself:
+the same number of update-sized files written by as many threads as the load has, each one
+written, fsynced, renamed into a new directory and that directory fsynced, next to the
+server's blob directory. That is the least an upload that survives a crash costs on this
+machine.
 """
 
+import concurrent.futures
+import os
 import pathlib
 import tempfile
+import time
 
 import httpx
 import numpy as np
@@ -47,6 +57,34 @@ def _measure(url: str, paths: list[str], shapes: workload.Shapes, gzip: bool) ->
     return loadgen.rate(outcomes, "bytes") / 1e6
 
 
+def _durable_write(directory: pathlib.Path, data: bytes) -> None:
+    directory.mkdir()
+    tmp = directory / ".tmp"
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(directory / "gradient")
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_rate(root: pathlib.Path, shapes: workload.Shapes, n: int) -> float:
+    """MB/s of n durable update-sized file writes from the load's number of threads."""
+    rng = np.random.default_rng(7)
+    bodies = [workload.update_bytes(workload.update_arrays(shapes, rng)) for _ in range(4)]
+    root.mkdir()
+    threads = LOAD_PROCESSES * LOAD_THREADS
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: _durable_write(root / str(i), bodies[i % 4]), range(n)))
+    elapsed = time.perf_counter() - start
+    return sum(len(bodies[i % 4]) for i in range(n)) / elapsed / 1e6
+
+
 def run(quick: bool) -> list[Figure]:
     """Ours vs the bare app, gzip off and on."""
     shapes, n = (workload.TINY, 20) if quick else (workload.EMNIST_CNN, 60)
@@ -74,6 +112,7 @@ def run(quick: bool) -> list[Figure]:
         with servers.gunicorn("tools.benchmarks.bare_apps:read_body_app", env, log) as (url, _):
             fake = [f"/upload/{i}" for i in range(n)]
             bare = {gz: _measure(url, fake, shapes, gz) for gz in (False, True)}
+        disk = _disk_rate(root / "disk", shapes, n)
     for gz in (False, True):
         figures.append(
             Figure(
@@ -91,4 +130,20 @@ def run(quick: bool) -> list[Figure]:
                 f"{LOAD_PROCESSES} processes x {LOAD_THREADS} threads; all on the same 2 cores",
             )
         )
+    figures.append(
+        Figure(
+            benchmark="B3",
+            name=f"upload ingest {workload.size_label(shapes)} x {n}, gzip off, vs the disk",
+            ours=ours[False],
+            unit="MB/s",
+            baseline=disk,
+            baseline_name="the same bytes written durably to files (write, fsync, rename, "
+            "directory fsync), same thread count",
+            target_on="ratio",
+            target=0.8,
+            direction="higher",
+            notes="the physical limit of an acknowledged upload on this machine's disk; the "
+            "bare app above stores nothing",
+        )
+    )
     return figures
