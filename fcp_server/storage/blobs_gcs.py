@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, Final
 
-from fcp_server.storage import blobs
+from fcp_server.storage import blob_encoding, blob_names, blobs
 
 _LOG = logging.getLogger(__name__)
 
@@ -92,10 +92,10 @@ class GcsBlobStore(blobs.BlobStore):
         """
         self._bucket_name = _check_bucket(bucket)
         try:
-            self._prefix = blobs.validate_name(prefix, max_bytes=512) if prefix else ""
+            self._prefix = blob_names.validate_name(prefix, max_bytes=512) if prefix else ""
         except blobs.InvalidBlobName as e:
             raise blobs.InvalidBlobStoreUrl(f"bad prefix in gs://{bucket}/{prefix}: {e}") from e
-        self._name_budget = blobs.MAX_NAME_BYTES - len(self._prefix.encode()) - bool(prefix)
+        self._name_budget = blob_names.MAX_NAME_BYTES - len(self._prefix.encode()) - bool(prefix)
         self._timeout = _check_timeout(timeout_s)
         _import_storage()  # first, so its import-time warnings are filtered
         from google.api_core import exceptions as api_exceptions
@@ -133,7 +133,7 @@ class GcsBlobStore(blobs.BlobStore):
             raise blobs.BlobBackendError(f"GCS could not {what}: {e}") from e
 
     def _object_name(self, name: str) -> str:
-        blobs.validate_name(name, max_bytes=self._name_budget)
+        blob_names.validate_name(name, max_bytes=self._name_budget)
         return f"{self._prefix}/{name}" if self._prefix else name
 
     def _info(self, name: str, blob: Any) -> blobs.BlobInfo:
@@ -160,8 +160,8 @@ class GcsBlobStore(blobs.BlobStore):
         create_only: bool,
     ) -> Any:
         object_name = self._object_name(name)
-        ctype = blobs.check_content_type(content_type)
-        stored, digest = blobs.encode_content(data, gzip=gzip, sha256=sha256)
+        ctype = blob_names.check_content_type(content_type)
+        stored, digest = blob_encoding.encode_content(data, gzip=gzip, sha256=sha256)
         blob = self._bucket.blob(object_name)
         # Set explicitly (None included) so an overwrite never inherits the old encoding.
         blob.content_encoding = "gzip" if gzip else None
@@ -223,7 +223,7 @@ class GcsBlobStore(blobs.BlobStore):
 
     def get_raw(self, name: str, *, max_bytes: int | None = None) -> blobs.RawBlob:
         """See `BlobStore.get_raw`."""
-        blobs.check_max_bytes(max_bytes)
+        blob_encoding.check_max_bytes(max_bytes)
         for _ in range(_READ_ATTEMPTS):
             blob = self._fetch_metadata(name)
             info = self._info(name, blob)
@@ -294,7 +294,7 @@ class GcsBlobStore(blobs.BlobStore):
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         """See `BlobStore.list`."""
-        blobs.validate_prefix(prefix, max_bytes=self._name_budget)
+        blob_names.validate_prefix(prefix, max_bytes=self._name_budget)
         root = f"{self._prefix}/" if self._prefix else ""
         names = []
         with self._errors(f"list blobs under {prefix!r}"):
@@ -303,7 +303,7 @@ class GcsBlobStore(blobs.BlobStore):
             ):
                 name = blob.name[len(root) :]
                 try:
-                    names.append(blobs.validate_name(name, max_bytes=self._name_budget))
+                    names.append(blob_names.validate_name(name, max_bytes=self._name_budget))
                 except blobs.InvalidBlobName:
                     # Written by another tool; it could not be read through this store either.
                     _LOG.warning("skipping object %r: not a valid blob name", blob.name)

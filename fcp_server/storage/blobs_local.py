@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from fcp_server import fault_points
+from fcp_server.storage.blob_encoding import check_max_bytes, encode_content
+from fcp_server.storage.blob_names import check_content_type, validate_name, validate_prefix
 from fcp_server.storage.blobs import (
     DEFAULT_CONTENT_TYPE,
     BlobBackendError,
@@ -28,11 +30,6 @@ from fcp_server.storage.blobs import (
     BlobTooLarge,
     InvalidBlobStoreUrl,
     RawBlob,
-    check_content_type,
-    check_max_bytes,
-    encode_content,
-    validate_name,
-    validate_prefix,
 )
 
 _MAGIC: Final = b"FCPB"

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from fcp_server.storage import blobs
+from fcp_server.storage import blob_encoding, blobs
 
 DATA = bytes(range(256)) * 64
 DIGEST = hashlib.sha256(DATA).hexdigest()
@@ -24,7 +24,7 @@ def _forbid_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the content was hashed although its digest was given")
 
-    monkeypatch.setattr(blobs.hashlib, "sha256", refuse)
+    monkeypatch.setattr(blob_encoding.hashlib, "sha256", refuse)
 
 
 @pytest.mark.parametrize("gzip", [False, True])
