@@ -27,6 +27,7 @@ from fcp_server.api import (
 from fcp_server.clock import Clock, SystemClock
 from fcp_server.services.auth import Authenticator, OpenAuthenticator, TokenAuthenticator
 from fcp_server.services.plan_cache import PlanCache
+from fcp_server.services.round_cache import OpenRoundsCache
 from fcp_server.services.round_close import Deps
 from fcp_server.settings import ServerSettings
 from fcp_server.storage import db
@@ -87,6 +88,7 @@ def create_app(
         metrics=observability.ServerMetrics(),
         plans=PlanCache(),
         rng_factory=(lambda: checkin_rng) if checkin_rng is not None else np.random.default_rng,
+        round_cache=OpenRoundsCache(settings.checkin_round_cache_seconds),
     )
     # No default /static route: the dashboard serves its own assets with security headers.
     app = Flask(__name__, static_folder=None)

@@ -8,6 +8,7 @@ because the reference has none and its rounds can stay stuck forever.
 """
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,6 +73,9 @@ class ServerSettings:
     # Total time one blob-store call may take, retries included (GCS; local disk ignores it):
     # a hung store then fails the request with 503 instead of holding it.
     blob_timeout_seconds: float = 30.0
+    # How long each web process reuses its read of a population's open rounds at check-in
+    # (`services.round_cache`; the slot claim still decides); 0 = read them every check-in.
+    checkin_round_cache_seconds: float = 0.5
     # "json" for structured one-line logs, "text" for people.
     log_format: str = "json"
     log_level: str = "INFO"
@@ -109,6 +113,14 @@ class ServerSettings:
             raise SettingsError(
                 "FCP_WORKER_CLOSE_POLL_SECONDS must be >= 0 (0 = off) and below "
                 f"FCP_WORKER_INTERVAL_SECONDS, got {self.worker_close_poll_seconds}"
+            )
+        if not (
+            math.isfinite(self.checkin_round_cache_seconds)
+            and self.checkin_round_cache_seconds >= 0
+        ):
+            raise SettingsError(
+                "FCP_CHECKIN_ROUND_CACHE_SECONDS must be >= 0 (0 = off), "
+                f"got {self.checkin_round_cache_seconds}"
             )
         if self.rate_limit_requests < 0:
             raise SettingsError(
@@ -150,6 +162,9 @@ class ServerSettings:
             ),
             rate_limit_window_seconds=_int(source, "FCP_RATE_LIMIT_WINDOW_SECONDS", 60),
             blob_timeout_seconds=_float(source, "FCP_BLOB_TIMEOUT_SECONDS", 30.0),
+            checkin_round_cache_seconds=_float(
+                source, "FCP_CHECKIN_ROUND_CACHE_SECONDS", cls.checkin_round_cache_seconds
+            ),
             log_format=source.get("FCP_LOG_FORMAT", "json").strip().lower(),
             log_level=source.get("FCP_LOG_LEVEL", "INFO").strip().upper(),
         )

@@ -16,6 +16,7 @@ from fcp_server.clock import Clock
 from fcp_server.observability import ServerMetrics
 from fcp_server.services.auth import Authenticator
 from fcp_server.services.plan_cache import PlanCache
+from fcp_server.services.round_cache import OpenRoundsCache
 from fcp_server.settings import ServerSettings
 from fcp_server.storage.blobs import BlobStore
 from fcp_server.storage.db import Database
@@ -36,6 +37,8 @@ class ServerContext:
     plans: PlanCache
     # Source of the check-in traffic draw (not the DP noise, which is OS-seeded).
     rng_factory: Callable[[], np.random.Generator]
+    # This process's short-lived cache of open rounds for check-in (`round_cache`).
+    round_cache: OpenRoundsCache
 
 
 def server() -> ServerContext:

@@ -105,17 +105,18 @@ def rejection_proto(rejection: checkin.Rejection) -> common_pb2.RejectionInfo:
 def create_task_assignment(pop: str) -> Response:
     """Check-in: 201 + TaskAssignment, or 200 + RejectionInfo."""
     body = wire.parse(task_assignments_pb2.CreateTaskAssignmentRequest)
-    ctx, session = server(), db_session()
+    ctx = server()
     gzip_ok = _GZIP in body.resource_capabilities.supported_compression_formats
     key = device_key()
-    with checkin.transaction(session, key):
+    with checkin.transaction(ctx.database, key) as conn:
         outcome = checkin.check_in(
-            session=session,
+            conn=conn,
             pop=pop,
             version_code=body.client_version.version_code,
             rng=ctx.rng_factory,
             now=ctx.clock.now(),
             device_key=key,
+            cache=ctx.round_cache,
         )
         answer = task_assignments_pb2.CreateTaskAssignmentResponse()
         if isinstance(outcome, checkin.Rejection):

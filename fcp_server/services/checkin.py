@@ -12,7 +12,9 @@ device's token hash, checked again under concurrency), so it cannot contribute t
 already holds is rated ITERATION_FULL for it.
 
 Check-in is the server's hottest path; its SQL (one read of the active rounds, then the slot
-claim) lives in `round_slots`.
+claim) lives in `round_slots`. The read may come from a short-lived per-process cache
+(`round_cache`), which only chooses the round to try: the claim decides, and no rejection is
+given on cached rows.
 """
 
 import contextlib
@@ -20,14 +22,17 @@ import dataclasses
 import datetime as dt
 import enum
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from fcp_server import errors
 from fcp_server.protos import common_pb2
+from fcp_server.services.round_cache import OpenRoundsCache
 from fcp_server.services.round_slots import OpenRound, active_rounds, rounds_held, take_slot
+from fcp_server.storage.db import Database
 from fcp_server.storage.models import RoundStatus
 
 _VERSION_RE = re.compile(r"^[0-9]{1,18}$")
@@ -132,39 +137,56 @@ def draw_weighted(
 
 
 @contextlib.contextmanager
-def transaction(session: Session, device_key: str | None) -> Iterator[None]:
-    """The check-in's transaction on `session` (commits on success, else rolls back).
+def transaction(database: Database, device_key: str | None) -> Iterator[Connection]:
+    """The check-in's connection, in a transaction that commits on success, else rolls back.
 
-    An anonymous check-in on PostgreSQL runs in autocommit mode: its only write is the one
-    statement of `round_slots.take_slot`, atomic by itself (nothing can make it skip its
-    insert, so nothing is ever given back), and the read before it needs no snapshot of its
-    own. That saves the BEGIN and COMMIT round trips of every check-in.
+    Check-in runs fixed SQL, so it needs a connection, not a session. An anonymous check-in on
+    PostgreSQL runs in autocommit mode instead: its only write is the one statement of
+    `round_slots.take_slot`, atomic by itself (nothing can make it skip its insert, so nothing
+    is ever given back), and the read before it needs no snapshot of its own. That saves the
+    BEGIN and COMMIT round trips of every check-in.
     """
-    with session.begin():
-        if device_key is None and session.get_bind().dialect.name == "postgresql":
-            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        yield
+    if device_key is not None or database.engine.dialect.name != "postgresql":
+        with database.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE (`storage.db`)
+            yield conn
+        return
+    with database.engine.connect() as conn:
+        # Switched on the driver's connection, not with SQLAlchemy's `isolation_level` option,
+        # whose switch and reset per checkout cost about as much CPU as the statement. The
+        # connection goes back to the pool as it came, unless it broke (then it is discarded).
+        driver: Any = conn.connection.driver_connection  # psycopg's connection
+        driver.autocommit = True
+        try:
+            yield conn
+        finally:
+            if not conn.invalidated:
+                try:
+                    driver.autocommit = False
+                except Exception as e:  # it broke meanwhile: discarded instead of pooled
+                    conn.invalidate(e)
 
 
 def check_in(
     *,
-    session: Session,
+    conn: Connection,
     pop: str,
     version_code: str,
     rng: Callable[[], np.random.Generator],
     now: dt.datetime,
     device_key: str | None = None,
+    cache: OpenRoundsCache | None = None,
 ) -> Assigned | Rejection:
     """Assigns the device to a round of the population, or says why not.
 
     Args:
-        session: Open session inside the caller's transaction.
+        conn: The connection of the caller's `transaction`.
         pop: Population name.
         version_code: The device's ClientVersion.version_code.
         rng: Returns the generator of the weighted draw between rounds; called only when
             there is more than one round to draw from.
         now: Current time.
         device_key: SHA-256 of the device's token (device auth on), else None (anonymous).
+        cache: This process's cache of open rounds; without one, every check-in reads them.
 
     Returns:
         The assignment, or a rejection with its retry window.
@@ -173,20 +195,54 @@ def check_in(
         BadRequest: The version code is not numeric.
     """
     version = parse_client_version(version_code)
-    conn = session.connection()
-    rounds = active_rounds(conn, pop)
+    if cache is None:
+        rounds: Sequence[OpenRound] = active_rounds(conn, pop)
+    else:
+        cached = cache.get(pop, now)
+        if cached is not None:
+            # Cached rows may only lead to an assignment (see `round_cache`): a rejection or
+            # a failed claim drops them, and the answer is decided again on a fresh read.
+            outcome = _assign(
+                conn, cached, version, version_code, rng, now, device_key, first_claim=True
+            )
+            if isinstance(outcome, Assigned):
+                return outcome
+            cache.invalidate(pop)
+        rounds = cache.read(conn, pop, now)
+    outcome = _assign(conn, rounds, version, version_code, rng, now, device_key)
+    return outcome if isinstance(outcome, Assigned) else rejection(outcome)
+
+
+def _assign(
+    conn: Connection,
+    rounds: Sequence[OpenRound],
+    version: int,
+    version_code: str,
+    rng: Callable[[], np.random.Generator],
+    now: dt.datetime,
+    device_key: str | None,
+    *,
+    first_claim: bool = False,
+) -> Assigned | Rating:
+    """Rates `rounds`, draws among the eligible ones and claims a slot; else the rating.
+
+    Tries every eligible round before giving up with ITERATION_FULL, or only the first one
+    drawn with `first_claim`.
+    """
     held = rounds_held(conn, device_key, [rnd.round_pk for rnd in rounds])
     ratings = [(rate(rnd, version, already_assigned=rnd.round_pk in held), rnd) for rnd in rounds]
     best = min((r for r, _ in ratings), default=Rating.ITERATION_NOT_ACTIVE)
     if best != Rating.SUCCESS:
-        return rejection(best)
+        return best
     candidates = [rnd for r, rnd in ratings if r == Rating.SUCCESS]
     while candidates:
         index = draw_weighted([rnd.traffic_weight for rnd in candidates], rng)
         if index is None:
-            return rejection(Rating.ITERATION_NOT_ACTIVE)
+            return Rating.ITERATION_NOT_ACTIVE
         rnd = candidates.pop(index)
-        assignment_id = take_slot(session, rnd.round_pk, version_code, device_key, now)
+        assignment_id = take_slot(conn, rnd.round_pk, version_code, device_key, now)
         if assignment_id is not None:
             return Assigned(assignment_id=assignment_id, created_at=now, round=rnd)
-    return rejection(Rating.ITERATION_FULL)
+        if first_claim:
+            break
+    return Rating.ITERATION_FULL

@@ -1,9 +1,10 @@
 """Check-in's SQL: the population's open rounds, and taking a slot in one atomically.
 
-Check-in is the server's hottest path, so it runs fixed SQL on the session's connection (no
-ORM entities): one read of the active rounds (`active_rounds`, plus `rounds_held` with device
-auth), then the slot claim (`take_slot`). The capacity check is the `active_count < capacity`
-condition of the UPDATE that takes the slot, so concurrent check-ins never over-assign.
+Check-in is the server's hottest path, so it runs fixed SQL on a connection (no ORM
+entities): one read of the active rounds (`active_rounds`, often served by `round_cache`, plus
+`rounds_held` with device auth), then the slot claim (`take_slot`). The capacity check is the
+`active_count < capacity` condition of the UPDATE that takes the slot, so concurrent check-ins
+never over-assign, and its `status = COLLECTING` condition keeps a closed round closed.
 """
 
 import dataclasses
@@ -141,7 +142,11 @@ def rounds_held(conn: Connection, device_key: str | None, round_pks: list[int]) 
 
 
 def take_slot(
-    session: Session, round_pk: int, version_code: str, device_key: str | None, now: dt.datetime
+    session: Session | Connection,
+    round_pk: int,
+    version_code: str,
+    device_key: str | None,
+    now: dt.datetime,
 ) -> str | None:
     """Claims a slot of the round and writes the assignment; its id, or None if it is full.
 
@@ -149,8 +154,9 @@ def take_slot(
     succeeded. With device auth the unique (round, device) index may still skip the
     assignment (a concurrent check-in of the same device took the round first); the slot is
     then given back inside the same transaction, so no other transaction ever sees it taken.
+    `session` is the check-in's session or connection.
     """
-    conn = session.connection()
+    conn = session.connection() if isinstance(session, Session) else session
     params: dict[str, object] = {
         "round_pk": round_pk,
         "id": str(uuid.uuid4()),

@@ -31,6 +31,9 @@ def test_production_flips_the_secure_defaults():
         ({"FCP_MAX_UPLOAD_BYTES": "0"}, "FCP_MAX_UPLOAD_BYTES"),
         ({"FCP_LOG_FORMAT": "xml"}, "FCP_LOG_FORMAT"),
         ({"FCP_BLOB_TIMEOUT_SECONDS": "0"}, "FCP_BLOB_TIMEOUT_SECONDS"),
+        ({"FCP_CHECKIN_ROUND_CACHE_SECONDS": "-1"}, "FCP_CHECKIN_ROUND_CACHE_SECONDS"),
+        ({"FCP_CHECKIN_ROUND_CACHE_SECONDS": "nan"}, "FCP_CHECKIN_ROUND_CACHE_SECONDS"),
+        ({"FCP_CHECKIN_ROUND_CACHE_SECONDS": "inf"}, "FCP_CHECKIN_ROUND_CACHE_SECONDS"),
     ],
 )
 def test_bad_settings_name_the_variable(env, message):
@@ -46,9 +49,11 @@ def test_values_are_read_from_the_environment():
             "FCP_WORKER_INTERVAL_SECONDS": "0.5",
             "FCP_EMBEDDED_WORKER": "no",
             "FCP_BLOB_TIMEOUT_SECONDS": "7.5",
+            "FCP_CHECKIN_ROUND_CACHE_SECONDS": "0",
         }
     )
     assert s.blob_timeout_seconds == 7.5
+    assert s.checkin_round_cache_seconds == 0.0
     assert s.database_url == "postgresql://u@h/db"
     assert s.round_deadline_seconds == 60 and s.worker_interval_seconds == 0.5
     assert s.embedded_worker is False
