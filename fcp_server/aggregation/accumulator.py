@@ -162,11 +162,19 @@ class RoundAccumulator:
         return None if self._threshold is None else self.below_threshold_count
 
     def update_sum(self) -> Tensors:
-        """Returns the sum of the processed updates as float64 copies.
-
-        The queries add the noise and divide in float64.
-        """
+        """Returns the sum of the processed updates as float64 copies."""
         return tuple(t.astype(np.float64) for t in self._sum)
+
+    def update_sum_view(self) -> Tensors:
+        """Returns read-only views of the sum in its own dtype (float32 for float32 models).
+
+        What the queries take: they compute in float64, and reading the float32 sum into a
+        float64 operation is exact, so no float64 copy of the model is made.
+        """
+        views = tuple(t.view() for t in self._sum)
+        for view in views:
+            view.flags.writeable = False
+        return views
 
     def metric_sums(self) -> dict[str, metrics.FloatArray]:
         """Returns copies of the summed, flattened metric states by metric name."""

@@ -136,7 +136,7 @@ class AdaptiveGaussianQuery:
         """Noises the sum with the current clip, then adapts the clip for the next round.
 
         Args:
-            total: Sum of the records clipped to `clip` (float64).
+            total: Sum of the records clipped to `clip` (float32 or float64; noised in float64).
             num_records: Records summed, > 0.
             rng: Noise source (value noise is drawn before the count noise).
             below_threshold: Records whose norm was <= `clip`.
@@ -148,7 +148,7 @@ class AdaptiveGaussianQuery:
         p = self.params
         value_z = p.value_noise_multiplier()
         std = dp.noise_stddev(value_z, self.clip)
-        noised = dp.add_gaussian_noise(total, std, rng)
+        noised = dp.noised_float64(total, std, rng)
         count_noise = float(rng.normal(loc=0.0, scale=p.clipped_count_stddev))
         shifted = qe.shifted_count(below, num_records) + count_noise
         fraction = qe.below_estimate_fraction(shifted, p.clients_per_round)

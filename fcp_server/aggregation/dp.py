@@ -137,20 +137,31 @@ def noise_stddev(noise_multiplier: float, clip: float) -> float:
 
 
 def add_gaussian_noise(tensors: Sequence[Tensor], std: float, rng: np.random.Generator) -> Tensors:
-    """Adds independent N(0, std^2) noise to every element (computed in float64).
+    """Adds independent N(0, std^2) noise to every element; `noised_float64` cast back.
+
+    Returns:
+        Noised arrays in their input dtypes.
+
+    Raises:
+        ValueError: As `noised_float64`.
+    """
+    noised = noised_float64(tensors, std, rng)
+    return tuple(out.astype(t.dtype, copy=False) for out, t in zip(noised, tensors, strict=True))
+
+
+def noised_float64(tensors: Sequence[Tensor], std: float, rng: np.random.Generator) -> Tensors:
+    """Returns new float64 arrays: the tensors plus independent N(0, std^2) noise.
 
     The noise is drawn in blocks of `_NOISE_BLOCK` elements, each from its own stream spawned
     from `rng` (numpy's `Generator.spawn`: independent streams derived from `rng`'s seed), and
     the blocks are drawn in parallel threads. The block size is fixed, so the noise depends only
-    on `rng`, never on the number of threads.
+    on `rng`, never on the number of threads. A float32 tensor is added to the float64 noise
+    as it is: the conversion is exact, so the sum is the same as converting it first.
 
     Args:
         tensors: Floating arrays.
         std: Noise standard deviation, >= 0.
         rng: The noise source; use `make_noise_rng()` in production.
-
-    Returns:
-        Noised arrays in their input dtypes.
 
     Raises:
         ValueError: If `std` is negative or not finite, or a tensor is not floating point.
@@ -161,7 +172,7 @@ def add_gaussian_noise(tensors: Sequence[Tensor], std: float, rng: np.random.Gen
         if not np.issubdtype(t.dtype, np.floating):
             raise ValueError(f"Gaussian noise needs floating tensors, found dtype {t.dtype}.")
     # The float64 output takes the noise and then the tensor: no float64 copy of the tensor.
-    noised = [np.empty(t.shape, dtype=np.float64) for t in tensors]
+    noised = tuple(np.empty(t.shape, dtype=np.float64) for t in tensors)
     blocks = [
         (out_flat[start : start + _NOISE_BLOCK], flat[start : start + _NOISE_BLOCK])
         for out, t in zip(noised, tensors, strict=True)
@@ -181,7 +192,7 @@ def add_gaussian_noise(tensors: Sequence[Tensor], std: float, rng: np.random.Gen
     else:
         for block, stream in zip(blocks, streams, strict=True):
             draw(block, stream)
-    return tuple(out.astype(t.dtype, copy=False) for out, t in zip(noised, tensors, strict=True))
+    return noised
 
 
 @functools.cache

@@ -84,7 +84,7 @@ def finalize_round(
     if plan.kind == plan_pb2.PlanKind.EVALUATION:
         raise ValueError("An EVALUATION plan has no model update; use finalize_evaluation.")
     weights = server_state.weights.trainable
-    total = acc.update_sum()
+    total = acc.update_sum_view()
     _check_same_shapes(total, weights)
     expected = plan.aggregation.clients_per_round
     dp_query = not isinstance(acc.query, queries.UnweightedMeanQuery)

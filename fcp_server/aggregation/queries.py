@@ -75,7 +75,7 @@ class UnweightedMeanQuery:
         """Returns total / num_records (and an empty state).
 
         Args:
-            total: Sum of the records (float64).
+            total: Sum of the records (float32 or float64; divided in float64).
             num_records: Records summed, > 0.
             rng: Unused (no noise); part of the query interface.
             below_threshold: Unused.
@@ -84,7 +84,7 @@ class UnweightedMeanQuery:
             ValueError: If no record was summed.
         """
         check_records(num_records, below_threshold, needs_count=False)
-        mean = tuple(t / num_records for t in total)
+        mean = tuple(np.divide(t, num_records, dtype=np.float64) for t in total)
         return QueryResult(mean, dp_facts(0.0, 0.0, 0.0, num_records))
 
 
@@ -116,7 +116,7 @@ class FixedGaussianQuery(FixedClip):
         """Adds N(0, (z*C)^2) to the sum and divides by `clients_per_round`.
 
         Args:
-            total: Sum of the clipped records (float64).
+            total: Sum of the clipped records (float32 or float64; noised in float64).
             num_records: Records summed, > 0 (the noise does not depend on it).
             rng: Noise source, see `dp.make_noise_rng`.
             below_threshold: Unused.
@@ -126,7 +126,7 @@ class FixedGaussianQuery(FixedClip):
         """
         check_records(num_records, below_threshold, needs_count=False)
         std = dp.noise_stddev(self.noise_multiplier, self.clip)
-        noised = dp.add_gaussian_noise(total, std, rng)
+        noised = dp.noised_float64(total, std, rng)
         # The noised arrays are new: divided in place.
         mean = tuple(np.divide(t, self.clients_per_round, out=t) for t in noised)
         std_of_mean = std / self.clients_per_round

@@ -51,7 +51,8 @@ class AggregationQuery(Protocol):
         """Turns the sum of (clipped) records into the round's mean update and next state.
 
         Args:
-            total: Sum of the bounded records (float64).
+            total: Sum of the bounded records, float32 or float64 (read-only); the queries
+                compute in float64 (exact for float32: the same as converting it first).
             num_records: Records summed.
             rng: The round's noise source.
             below_threshold: Records whose L2 norm (after zeroing) was <= the

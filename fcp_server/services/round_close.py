@@ -141,15 +141,20 @@ def _updates(deps: Deps, rnd: Round) -> list[str]:
     return ids
 
 
+def _layout(task: Task, plan: plan_pb2.ServerPlan) -> checkpoints.UpdateLayout:
+    """What the round's updates must hold, read from the plan once for all of them."""
+    return checkpoints.update_layout(uploads.update_plan(plan, task.kind))
+
+
 def _decode(
-    deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan, assignment_id: str
+    deps: Deps, task: Task, rnd: Round, layout: checkpoints.UpdateLayout, assignment_id: str
 ) -> checkpoints.ClientUpdate:
     limit = deps.settings.max_upload_bytes
     name = blob_paths.gradient_blob(
         task.population_name, task.task_id, rnd.iteration_id, assignment_id
     )
     data = deps.blobs.get(name, max_bytes=limit)
-    return checkpoints.decode_update(data, uploads.update_plan(plan, task.kind), max_bytes=limit)
+    return checkpoints.decode_update(data, layout, max_bytes=limit)
 
 
 def _base_state(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> ServerState:
@@ -166,8 +171,9 @@ def _base_state(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -
 def _train(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Outputs:
     state = _base_state(deps, task, rnd, plan)
     acc = RoundAccumulator(plan, state.aggregator_state)
+    layout = _layout(task, plan)
     for assignment_id in _updates(deps, rnd):
-        acc.add(_decode(deps, task, rnd, plan, assignment_id))  # one update in memory at a time
+        acc.add(_decode(deps, task, rnd, layout, assignment_id))  # one update in memory at a time
     outcome = finalize_round(acc, state, plan, deps.rng_factory())
     # Training round N is the N-th aggregation (a retried attempt never aggregated).
     budget = dp_budget.after_rounds(plan, task.total_iteration, rnd.iteration_id)
@@ -182,8 +188,9 @@ def _train(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Out
 
 def _evaluate(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Outputs:
     acc = RoundAccumulator(plan)  # an EVALUATION plan: metric state only, no DP query
+    layout = _layout(task, plan)
     for assignment_id in _updates(deps, rnd):
-        acc.add(_decode(deps, task, rnd, plan, assignment_id))
+        acc.add(_decode(deps, task, rnd, layout, assignment_id))
     values = finalize_evaluation(acc, plan)
     if rnd.evaluated_result_id is not None:
         # Which training round's model these metrics describe (see `eval_selection`).

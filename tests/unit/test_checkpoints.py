@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -115,28 +116,83 @@ def _mutated(name: str, value: Tensor | None = None, *, drop: bool = False) -> b
     return checkpoints.encode_tensors(tensors)
 
 
+# Each update breaks one rule of make_plan()'s update layout (see the match string).
+_MISFIT_UPDATES = [
+    (_mutated("trainable/1", drop=True), "Missing tensors: trainable/1"),
+    (_mutated("metric/auc/3", drop=True), "metric/auc/3"),
+    (_mutated("extra", np.zeros(1, np.float32)), "Unexpected tensors: extra"),
+    (_mutated("trainable/0", np.zeros((2, 3), np.float32)), "'trainable/0' is float32"),
+    (_mutated("trainable/1", np.zeros(2, np.float64)), "'trainable/1' is float64"),
+    (_mutated("trainable/1", np.array([0.0, np.nan], np.float32)), "'trainable/1' has NaN"),
+    (_mutated("trainable/0", np.full((3, 2), np.inf, np.float32)), "'trainable/0' has NaN"),
+    (_mutated("metric/loss/0", np.array(np.nan, np.float32)), "'metric/loss/0' has NaN"),
+    (_mutated("metric/auc/1", np.zeros(4, np.float32)), "'metric/auc/1'"),
+    (_mutated("num_examples", np.array(5, np.int32)), "'num_examples' is int32"),
+    (_mutated("num_examples", np.array([5], np.int64)), "'num_examples'"),
+    (_mutated("num_examples", np.array(-1, np.int64)), "'num_examples' is -1"),
+    (_mutated("num_examples", np.array(10**9, np.int64)), "'num_examples' is 1000000000"),
+]
+
+
 @pytest.mark.parametrize(
-    ("data", "match"),
-    [
-        (_mutated("trainable/1", drop=True), "Missing tensors: trainable/1"),
-        (_mutated("metric/auc/3", drop=True), "metric/auc/3"),
-        (_mutated("extra", np.zeros(1, np.float32)), "Unexpected tensors: extra"),
-        (_mutated("trainable/0", np.zeros((2, 3), np.float32)), "'trainable/0' is float32"),
-        (_mutated("trainable/1", np.zeros(2, np.float64)), "'trainable/1' is float64"),
-        (_mutated("trainable/1", np.array([0.0, np.nan], np.float32)), "'trainable/1' has NaN"),
-        (_mutated("trainable/0", np.full((3, 2), np.inf, np.float32)), "'trainable/0' has NaN"),
-        (_mutated("metric/loss/0", np.array(np.nan, np.float32)), "'metric/loss/0' has NaN"),
-        (_mutated("metric/auc/1", np.zeros(4, np.float32)), "'metric/auc/1'"),
-        (_mutated("num_examples", np.array(5, np.int32)), "'num_examples' is int32"),
-        (_mutated("num_examples", np.array([5], np.int64)), "'num_examples'"),
-        (_mutated("num_examples", np.array(-1, np.int64)), "'num_examples' is -1"),
-        (_mutated("num_examples", np.array(10**9, np.int64)), "'num_examples' is 1000000000"),
-    ],
-    ids=lambda v: v if isinstance(v, str) else "",
+    ("data", "match"), _MISFIT_UPDATES, ids=lambda v: v if isinstance(v, str) else ""
 )
 def test_updates_that_do_not_fit_the_plan_are_rejected_naming_the_tensor(data, match):
     with pytest.raises(checkpoints.InvalidUpdate, match=match):
         checkpoints.decode_update(data, make_plan(), max_bytes=MAX, max_num_examples=10**6)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"), _MISFIT_UPDATES, ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_the_plans_update_layout_rejects_the_same_updates(data, match):
+    layout = checkpoints.update_layout(make_plan())
+    with pytest.raises(checkpoints.InvalidUpdate, match=match):
+        checkpoints.decode_update(data, layout, max_bytes=MAX, max_num_examples=10**6)
+
+
+@pytest.mark.parametrize("kind", [plan_pb2.PlanKind.TRAINING, plan_pb2.PlanKind.EVALUATION])
+def test_an_update_layout_decodes_as_its_plan_does(kind):
+    plan = make_plan()
+    plan.kind = kind
+    update = constant_update(0.5, num_examples=12)
+    if kind == plan_pb2.PlanKind.EVALUATION:  # evaluation devices report metrics only
+        update = dataclasses.replace(update, trainable=())
+    data = checkpoints.encode_update(update)
+    by_plan = checkpoints.decode_update(data, plan, max_bytes=MAX)
+    by_layout = checkpoints.decode_update(data, checkpoints.update_layout(plan), max_bytes=MAX)
+    assert by_layout.num_examples == by_plan.num_examples == 12
+    assert by_layout.sum_of_squares == by_plan.sum_of_squares
+    assert len(by_layout.trainable) == len(by_plan.trainable) == len(update.trainable)
+    for a, b in zip(by_layout.trainable, by_plan.trainable, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert by_layout.metrics.keys() == by_plan.metrics.keys() == {"loss", "auc"}
+    for name, state in by_plan.metrics.items():
+        for a, b in zip(by_layout.metrics[name], state, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_an_evaluation_layout_refuses_a_model_delta():
+    plan = make_plan()
+    plan.kind = plan_pb2.PlanKind.EVALUATION
+    data = checkpoints.encode_update(constant_update(0.5))
+    with pytest.raises(checkpoints.InvalidUpdate, match="Unexpected tensors: trainable/0"):
+        checkpoints.decode_update(data, checkpoints.update_layout(plan), max_bytes=MAX)
+
+
+def test_an_update_layout_cannot_be_changed():
+    layout = checkpoints.update_layout(make_plan())
+    with pytest.raises(TypeError):
+        layout.specs["extra"] = ((), np.dtype(np.float32))  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layout.trainable = ()  # type: ignore[misc]
+
+
+def test_a_plan_with_an_unsupported_dtype_has_no_update_layout():
+    plan = make_plan()
+    plan.model.trainable[0].dtype = "complex64"
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        checkpoints.update_layout(plan)
 
 
 def test_a_plan_with_an_unknown_dtype_is_a_plan_error():

@@ -64,9 +64,10 @@ def make_workload(shapes: workload.Shapes, num_updates: int, seed: int = 0) -> W
 def server_round(w: Workload, rng: np.random.Generator) -> None:
     """Decode + validate, clip and sum N updates, then noise and the optimizer step."""
     acc = RoundAccumulator(w.plan, w.state.aggregator_state)
+    layout = checkpoints.update_layout(w.plan)
     limit = 1 << 31
     for i in range(w.num_updates):
-        acc.add(checkpoints.decode_update(w.blob(i), w.plan, max_bytes=limit))
+        acc.add(checkpoints.decode_update(w.blob(i), layout, max_bytes=limit))
     finalize_round(acc, w.state, w.plan, rng)
 
 

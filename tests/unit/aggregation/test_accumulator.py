@@ -128,3 +128,15 @@ def test_memory_does_not_grow_with_the_number_of_updates():
         acc.add(constant_update(float(i)))
     assert held_bytes() == before
     assert acc.num_updates == 500
+
+
+def test_the_queries_read_the_float32_sum_itself_never_writing_to_it():
+    acc = RoundAccumulator(make_plan(clip_norm=10.0))
+    acc.add(constant_update(0.1))
+    views = acc.update_sum_view()
+    for view, copy in zip(views, acc.update_sum(), strict=True):
+        assert view.dtype == np.float32  # no float64 copy of the model
+        assert not view.flags.writeable
+        np.testing.assert_array_equal(view, copy)  # float32 -> float64 is exact
+    acc.add(constant_update(0.2))  # the views follow the running sum
+    np.testing.assert_array_equal(views[1], acc.update_sum()[1])
