@@ -1,0 +1,148 @@
+"""Safetensors bytes <-> named numpy arrays, with every header field checked before use.
+
+The format (https://github.com/huggingface/safetensors, spec in its README): an 8-byte
+little-endian header length, a JSON header mapping each tensor name to its dtype, shape and
+byte offsets (plus optional string metadata), then the tensors' bytes. Blobs may come from
+devices, so the header is bounded and checked (size, length, duplicate keys, dtypes, ranks,
+offsets that tile the data area exactly) before any array is made, and arrays are read-only
+views into the blob, never copies. What the tensors must be for a plan is `checkpoints`' job.
+"""
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from fcp_server.aggregation.state import Tensor
+
+MAX_HEADER_BYTES = 1 << 20  # 1 MiB of JSON describes thousands of tensors.
+MAX_TENSORS = 10_000
+MAX_RANK = 8
+_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+# The numpy dtype names a blob may hold.
+SUPPORTED_DTYPES = frozenset(_DTYPES.values())
+# The little-endian numpy dtype of each safetensors dtype, built once (numpy's constructors
+# cost microseconds per call, and every tensor of every update needs one).
+_NUMPY_DTYPES = {key: np.dtype(name).newbyteorder("<") for key, name in _DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A safetensors blob is malformed or does not match the plan."""
+
+
+def encode_tensors(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Serialises named arrays (and optional string metadata) as safetensors bytes."""
+    # np.asarray keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
+    arrays = {name: np.asarray(t, order="C") for name, t in tensors.items()}
+    return bytes(safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None))
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)  # a repeated key leaves fewer entries than pairs
+    if len(result) != len(pairs):
+        raise CheckpointError("Safetensors header has duplicate keys.")
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    """A checked safetensors header: where the data starts, the tensor entries, metadata."""
+
+    data_start: int
+    entries: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def _check_header(data: bytes | memoryview, max_bytes: int) -> _Header:
+    if len(data) > max_bytes:
+        raise CheckpointError(f"Blob is {len(data)} bytes, the limit is {max_bytes}.")
+    if len(data) < 8:
+        raise CheckpointError("Blob is too short to be a safetensors file.")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise CheckpointError(f"Safetensors header length {header_len} is out of bounds.")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"Safetensors header is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError("Safetensors header is not a JSON object.")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError("Safetensors __metadata__ must map strings to strings.")
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError(f"Blob has {len(header)} tensors, the limit is {MAX_TENSORS}.")
+    for name, info in header.items():
+        _check_entry(name, info)
+    _check_layout(header, len(data) - 8 - header_len)
+    return _Header(8 + header_len, header, metadata)
+
+
+def _check_layout(entries: Mapping[str, Any], data_len: int) -> None:
+    """The tensors must tile the data area exactly: no gap, no overlap, nothing after."""
+    end = 0
+    for begin, stop in sorted(tuple(info["data_offsets"]) for info in entries.values()):
+        if begin != end:
+            raise CheckpointError(
+                "Malformed safetensors data: tensor offsets overlap or leave a gap."
+            )
+        end = stop
+    if end != data_len:
+        raise CheckpointError(
+            f"Malformed safetensors data: the tensors cover {end} bytes of a {data_len}-byte "
+            "data area."
+        )
+
+
+def _check_entry(name: str, info: Any) -> None:
+    if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+        raise CheckpointError(f"Tensor {name!r} has an unsupported or missing dtype.")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and len(shape) <= MAX_RANK) or not all(
+        isinstance(d, int) and d >= 0 for d in shape
+    ):
+        raise CheckpointError(f"Tensor {name!r} has an invalid shape {shape!r}.")
+    if not (isinstance(offsets, list) and len(offsets) == 2) or not all(
+        isinstance(o, int) and o >= 0 for o in offsets
+    ):
+        raise CheckpointError(f"Tensor {name!r} has invalid data offsets {offsets!r}.")
+    nbytes = math.prod(shape) * _NUMPY_DTYPES[info["dtype"]].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise CheckpointError(f"Tensor {name!r} data size does not match its shape and dtype.")
+
+
+def decode_tensors(
+    data: bytes | memoryview, *, max_bytes: int
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Parses safetensors bytes after checking the header; returns (tensors, metadata).
+
+    The arrays are read-only views into `data` (no copy: an update is read at memory speed
+    by the aggregation). With `bytes` nothing can change them; a caller passing a mutable
+    buffer must not write to it while the tensors are in use.
+
+    Raises:
+        CheckpointError: If the blob is too large, truncated or malformed.
+    """
+    header = _check_header(data, max_bytes)
+    tensors = {}
+    for name, info in header.entries.items():
+        begin, end = info["data_offsets"]
+        dtype = _NUMPY_DTYPES[info["dtype"]]
+        flat = np.frombuffer(
+            data,
+            dtype=dtype,
+            count=(end - begin) // dtype.itemsize,
+            offset=header.data_start + begin,
+        )
+        flat.flags.writeable = False  # also for a view of a mutable buffer
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors, header.metadata
