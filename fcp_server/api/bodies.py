@@ -8,9 +8,11 @@ usual way, each one passes through several heap buffers of that size (the server
 a bound-sized read buffer, the final bytes object); glibc then serves the next update's buffers
 from a heap that the previous ones fragmented, and a web worker's resident memory creeps up with
 every upload. `read_update` instead reads the body in steps of `_READ_STEP` straight into an
-anonymous memory mapping of exactly its size, pre-faulted in one system call and unmapped when
-the last view of it goes away: the heap never sees a large buffer, and memory stays flat however
-many updates a worker receives.
+anonymous memory mapping of exactly its size, unmapped when the last view of it goes away: the
+heap never sees a large buffer, and memory stays flat however many updates a worker receives.
+The mapping is not pre-faulted (MAP_POPULATE would save ~1 ms per 6.6 MB): its pages become
+resident only as bytes arrive, so a client that declares a large Content-Length and sends
+nothing holds no memory.
 """
 
 import io
@@ -23,9 +25,7 @@ from fcp_server import errors
 # Per read from the server's input stream: small enough that the server's own per-read
 # buffers are recycled by malloc, large enough that the per-call cost does not matter.
 _READ_STEP = 1 << 20
-# Fault the mapping's pages in with the mmap call itself (Linux): much cheaper than taking
-# one page fault per 4 KiB while the body is copied in.
-_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 
 
 def _declared_length(max_bytes: int) -> int | None:

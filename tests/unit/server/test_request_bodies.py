@@ -3,6 +3,7 @@
 import io
 import mmap
 import os
+import pathlib
 import tracemalloc
 
 import flask
@@ -104,3 +105,18 @@ def test_read_body_returns_the_bytes_within_the_bound(app):
         assert bodies.read_body(max_bytes=5) == b"hello"
     with _chunked(app, b"hello!"), pytest.raises(errors.PayloadTooLarge):
         bodies.read_body(max_bytes=5)
+
+
+def _resident_bytes() -> int:
+    status = pathlib.Path("/proc/self/status").read_text().splitlines()
+    return int(next(line.split()[1] for line in status if line.startswith("VmRSS:"))) * 1024
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_an_update_buffer_holds_memory_only_for_the_bytes_that_arrived():
+    # A client may declare a large Content-Length and send nothing: that must not commit memory.
+    before = _resident_bytes()
+    view = bodies.mapped_buffer(256 << 20)
+    assert _resident_bytes() - before < 16 << 20
+    view[: 64 << 20] = b"\x01" * (64 << 20)  # what 64 MiB of received body makes resident
+    assert _resident_bytes() - before > 48 << 20
