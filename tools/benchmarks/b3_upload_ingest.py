@@ -10,7 +10,8 @@ The bare app stores nothing, while every accepted update must be on disk before 
 acknowledged. A third figure therefore compares ingest with gzip off against the disk itself:
 the same number of update-sized files written by as many threads as the load has, each one
 written, fsynced, renamed into a new directory and that directory fsynced, next to the
-server's blob directory. That is the least an upload that survives a crash costs on this
+server's blob directory, once before and once after the HTTP runs (the shared disk's speed
+drifts; the faster is kept). That is the least an upload that survives a crash costs on this
 machine.
 """
 
@@ -93,6 +94,8 @@ def run(quick: bool) -> list[Figure]:
         root = pathlib.Path(tmp)
         env = servers.server_env(servers.sqlite_database(root), root / "blobs")
         log = root / "gunicorn.log"
+        # The shared disk's speed drifts: measured before and after the HTTP runs, best kept.
+        disk_before = _disk_rate(root / "disk-before", shapes, n)
         ours: dict[bool, float] = {}
         with (
             servers.gunicorn("fcp_server.app:create_app()", env, log) as (url, _),
@@ -112,7 +115,7 @@ def run(quick: bool) -> list[Figure]:
         with servers.gunicorn("tools.benchmarks.bare_apps:read_body_app", env, log) as (url, _):
             fake = [f"/upload/{i}" for i in range(n)]
             bare = {gz: _measure(url, fake, shapes, gz) for gz in (False, True)}
-        disk = _disk_rate(root / "disk", shapes, n)
+        disk = max(disk_before, _disk_rate(root / "disk-after", shapes, n))
     for gz in (False, True):
         figures.append(
             Figure(
@@ -138,7 +141,7 @@ def run(quick: bool) -> list[Figure]:
             unit="MB/s",
             baseline=disk,
             baseline_name="the same bytes written durably to files (write, fsync, rename, "
-            "directory fsync), same thread count",
+            "directory fsync), same thread count; best of one run before and one after",
             target_on="ratio",
             target=0.8,
             direction="higher",
