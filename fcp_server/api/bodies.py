@@ -51,8 +51,11 @@ def read_body(max_bytes: int) -> bytes:
 
 
 def mapped_buffer(size: int) -> memoryview:
-    """A writable, zero-filled buffer of `size` bytes (> 0) in an anonymous memory mapping."""
-    return memoryview(mmap.mmap(-1, size, flags=_MAP_FLAGS))
+    """A writable, zero-filled buffer of `size` bytes in an anonymous memory mapping.
+
+    An empty one is a view of `b""` (a mapping cannot be empty) and so is read-only.
+    """
+    return memoryview(mmap.mmap(-1, size, flags=_MAP_FLAGS) if size else b"")
 
 
 def read_update(max_bytes: int) -> memoryview:
@@ -68,8 +71,6 @@ def read_update(max_bytes: int) -> memoryview:
     declared = _declared_length(max_bytes)
     if declared is None:  # chunked transfer: the size is known only at the end
         return _copy_to_mapping(_read_chunks(max_bytes))
-    if declared == 0:
-        return memoryview(b"")
     view = mapped_buffer(declared)
     filled = 0
     while filled < declared:
@@ -100,10 +101,7 @@ def _read_chunks(max_bytes: int) -> list[bytes]:
 
 
 def _copy_to_mapping(chunks: list[bytes]) -> memoryview:
-    total = sum(len(c) for c in chunks)
-    if total == 0:
-        return memoryview(b"")
-    view = mapped_buffer(total)
+    view = mapped_buffer(sum(len(c) for c in chunks))
     start = 0
     for chunk in chunks:
         view[start : start + len(chunk)] = chunk

@@ -14,7 +14,6 @@ import uuid
 from typing import Any
 
 from sqlalchemy import Connection, Integer, String, bindparam, column, text
-from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ColumnClause
 
 from fcp_server.storage.models import (
@@ -142,11 +141,7 @@ def rounds_held(conn: Connection, device_key: str | None, round_pks: list[int]) 
 
 
 def take_slot(
-    session: Session | Connection,
-    round_pk: int,
-    version_code: str,
-    device_key: str | None,
-    now: dt.datetime,
+    conn: Connection, round_pk: int, version_code: str, device_key: str | None, now: dt.datetime
 ) -> str | None:
     """Claims a slot of the round and writes the assignment; its id, or None if it is full.
 
@@ -154,9 +149,7 @@ def take_slot(
     succeeded. With device auth the unique (round, device) index may still skip the
     assignment (a concurrent check-in of the same device took the round first); the slot is
     then given back inside the same transaction, so no other transaction ever sees it taken.
-    `session` is the check-in's session or connection.
     """
-    conn = session.connection() if isinstance(session, Session) else session
     params: dict[str, object] = {
         "round_pk": round_pk,
         "id": str(uuid.uuid4()),

@@ -31,18 +31,18 @@ def test_a_skipped_assignment_gives_its_slot_back(api, ctx, clock):
     api.open_training(testkit.training_task(report_goal=3, max_size=6))
     with ctx.database.sessions() as session:
         round_pk = session.scalars(select(Round.id)).one()
-    with ctx.database.sessions() as session, session.begin():
-        held = round_slots.take_slot(session, round_pk, "100", DEVICE, clock.now())
+    with ctx.database.engine.begin() as conn:
+        held = round_slots.take_slot(conn, round_pk, "100", DEVICE, clock.now())
     assert held is not None
     assert _state(ctx) == (1, 1, 1)
 
     # The race the held-rounds read cannot see: the same device, the same round, again.
-    with ctx.database.sessions() as session, session.begin():
-        assert round_slots.take_slot(session, round_pk, "100", DEVICE, clock.now()) is None
+    with ctx.database.engine.begin() as conn:
+        assert round_slots.take_slot(conn, round_pk, "100", DEVICE, clock.now()) is None
 
     assert _state(ctx) == (1, 1, 1)
     # Another device still gets the slot the refused claim gave back.
-    with ctx.database.sessions() as session, session.begin():
-        other = round_slots.take_slot(session, round_pk, "100", "e" * 64, clock.now())
+    with ctx.database.engine.begin() as conn:
+        other = round_slots.take_slot(conn, round_pk, "100", "e" * 64, clock.now())
     assert other is not None
     assert _state(ctx) == (2, 2, 2)

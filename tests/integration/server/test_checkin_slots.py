@@ -18,9 +18,9 @@ def test_a_lost_slot_claim_leaves_no_assignment_or_history_row(api, ctx, clock):
         stale = session.scalars(select(Round.id)).one()  # read while the round still has room
     held = [api.assign(), api.assign()]  # now the round is full
 
-    with ctx.database.sessions() as session, session.begin():
+    with ctx.database.engine.begin() as conn:
         # The race a concurrent check-in loses: it rated the round before it filled up.
-        assert round_slots.take_slot(session, stale, "100", None, clock.now()) is None
+        assert round_slots.take_slot(conn, stale, "100", None, clock.now()) is None
 
     with ctx.database.sessions() as session:
         ids = set(session.scalars(select(Assignment.id)))
