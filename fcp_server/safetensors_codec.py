@@ -11,7 +11,7 @@ views into the blob, never copies. What the tensors must be for a plan is `check
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,11 @@ SUPPORTED_DTYPES = frozenset(_DTYPES.values())
 # The little-endian numpy dtype of each safetensors dtype, built once (numpy's constructors
 # cost microseconds per call, and every tensor of every update needs one).
 _NUMPY_DTYPES = {key: np.dtype(name).newbyteorder("<") for key, name in _DTYPES.items()}
+
+
+def numpy_dtype(name: str) -> np.dtype[Any]:
+    """Returns the little-endian numpy dtype of a safetensors dtype name ("F32", ...)."""
+    return _NUMPY_DTYPES[name]
 
 
 class CheckpointError(ValueError):
@@ -54,7 +59,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Header:
+class Header:
     """A checked safetensors header: where the data starts, the tensor entries, metadata."""
 
     data_start: int
@@ -62,7 +67,12 @@ class _Header:
     metadata: dict[str, str]
 
 
-def _check_header(data: bytes | memoryview, max_bytes: int) -> _Header:
+def header_end(data: bytes | memoryview, max_bytes: int) -> int:
+    """Returns where the blob's data area starts (8 + the header length), bounds checked.
+
+    Raises:
+        CheckpointError: If the blob is over `max_bytes`, or too short for its header.
+    """
     if len(data) > max_bytes:
         raise CheckpointError(f"Blob is {len(data)} bytes, the limit is {max_bytes}.")
     if len(data) < 8:
@@ -70,8 +80,18 @@ def _check_header(data: bytes | memoryview, max_bytes: int) -> _Header:
     header_len = int.from_bytes(data[:8], "little")
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
         raise CheckpointError(f"Safetensors header length {header_len} is out of bounds.")
+    return 8 + header_len
+
+
+def parse_header(data: bytes | memoryview, max_bytes: int) -> Header:
+    """Parses and checks the header: JSON, dtypes, shapes, offsets tiling the data area.
+
+    Raises:
+        CheckpointError: If the blob is too large, truncated or its header is malformed.
+    """
+    data_start = header_end(data, max_bytes)
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]), object_pairs_hook=_no_duplicates)
+        header = json.loads(bytes(data[8:data_start]), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"Safetensors header is not valid JSON: {e}") from e
     if not isinstance(header, dict):
@@ -83,8 +103,8 @@ def _check_header(data: bytes | memoryview, max_bytes: int) -> _Header:
         raise CheckpointError(f"Blob has {len(header)} tensors, the limit is {MAX_TENSORS}.")
     for name, info in header.items():
         _check_entry(name, info)
-    _check_layout(header, len(data) - 8 - header_len)
-    return _Header(8 + header_len, header, metadata)
+    _check_layout(header, len(data) - data_start)
+    return Header(data_start, header, metadata)
 
 
 def _check_layout(entries: Mapping[str, Any], data_len: int) -> None:
@@ -115,7 +135,7 @@ def _check_entry(name: str, info: Any) -> None:
         isinstance(o, int) and o >= 0 for o in offsets
     ):
         raise CheckpointError(f"Tensor {name!r} has invalid data offsets {offsets!r}.")
-    nbytes = math.prod(shape) * _NUMPY_DTYPES[info["dtype"]].itemsize
+    nbytes = math.prod(shape) * numpy_dtype(info["dtype"]).itemsize
     if offsets[1] - offsets[0] != nbytes:
         raise CheckpointError(f"Tensor {name!r} data size does not match its shape and dtype.")
 
@@ -132,11 +152,11 @@ def decode_tensors(
     Raises:
         CheckpointError: If the blob is too large, truncated or malformed.
     """
-    header = _check_header(data, max_bytes)
+    header = parse_header(data, max_bytes)
     tensors = {}
     for name, info in header.entries.items():
         begin, end = info["data_offsets"]
-        dtype = _NUMPY_DTYPES[info["dtype"]]
+        dtype = numpy_dtype(info["dtype"])
         flat = np.frombuffer(
             data,
             dtype=dtype,
@@ -146,3 +166,44 @@ def decode_tensors(
         flat.flags.writeable = False  # also for a view of a mutable buffer
         tensors[name] = flat.reshape(info["shape"])
     return tensors, header.metadata
+
+
+def check_tensors(
+    tensors: Mapping[str, Tensor],
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]],
+    error: type[CheckpointError],
+    *,
+    finite_checked: Collection[str] = (),
+) -> None:
+    """Checks that `tensors` are exactly `specs` (name -> shape, dtype) and finite.
+
+    Args:
+        tensors: Decoded tensors by name.
+        specs: The expected shape and dtype of every name.
+        error: The error to raise (a `CheckpointError` subclass).
+        finite_checked: Names whose finiteness the caller checks itself.
+
+    Raises:
+        CheckpointError: `error`, naming the missing, unexpected, misshapen or non-finite tensor.
+    """
+    if tensors.keys() != specs.keys():  # as sets; the names are reported sorted
+        missing = sorted(set(specs) - set(tensors))
+        if missing:
+            raise error(f"Missing tensors: {', '.join(missing[:10])}.")
+        unexpected = sorted(set(tensors) - set(specs))
+        raise error(f"Unexpected tensors: {', '.join(unexpected[:10])}.")
+    for name, (shape, dtype) in specs.items():
+        t = tensors[name]
+        if t.shape != shape or t.dtype != dtype:
+            raise error(
+                f"Tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}."
+            )
+        if name not in finite_checked:
+            check_finite(name, t, error)
+
+
+def check_finite(name: str, t: Tensor, error: type[CheckpointError]) -> None:
+    """Raises `error` if a floating tensor holds a NaN or an infinity."""
+    # Kinds "f" and "c" are np.inexact (an np.issubdtype call costs microseconds per tensor).
+    if t.dtype.kind in "fc" and not np.all(np.isfinite(t)):
+        raise error(f"Tensor {name!r} has NaN or infinite values.")

@@ -71,11 +71,27 @@ class RoundAccumulator:
         self._zeroing_norm = plan.aggregation.zeroing_norm
         if not (math.isfinite(self._zeroing_norm) and self._zeroing_norm >= 0.0):
             raise ValueError(f"zeroing_norm must be >= 0, found {self._zeroing_norm}.")
-        self._shapes = [] if evaluation else [tuple(t.shape) for t in plan.model.trainable]
-        self._sum = [
-            np.zeros(tuple(t.shape), dtype=update_norms.sum_dtype(np.dtype(t.dtype)))
-            for t in ([] if evaluation else plan.model.trainable)
-        ]
+        model = [] if evaluation else list(plan.model.trainable)
+        self._shapes = [tuple(t.shape) for t in model]
+        dtypes = {update_norms.sum_dtype(np.dtype(t.dtype)) for t in model}
+        # The sums live in one flat array (when they share a dtype) so that an update whose
+        # tensors lie back to back in the same order is added in one pass
+        # (`ClientUpdate.trainable_flat`); `_sum` views it per tensor.
+        self._flat_sum = (
+            np.zeros(sum(math.prod(s) for s in self._shapes), dtype=dtypes.pop())
+            if len(dtypes) == 1
+            else None
+        )
+        self._flat_order = tuple(range(len(model)))
+        self._sum = (
+            _tensor_views(self._flat_sum, self._shapes, self._flat_order)
+            if self._flat_sum is not None
+            else [
+                np.zeros(s, dtype=update_norms.sum_dtype(np.dtype(t.dtype)))
+                for s, t in zip(self._shapes, model, strict=True)
+            ]
+        )
+        self._summed = False
         self._metric_specs = {m.name: m for m in plan.metrics}
         for spec in plan.metrics:
             metrics.validate_metric_spec(spec)
@@ -121,7 +137,7 @@ class RoundAccumulator:
             self.below_threshold_count += int(effective_norm <= self._threshold)
         if not (non_finite or zeroed):  # a zeroed record adds zeros: nothing to do
             scale = self._clip / norm if clipped and self._clip is not None else None
-            update_norms.add_scaled(self._sum, tensors, scale)
+            self._add_trainable(update, scale)
         self._add_metrics(update)
         self.num_updates += 1
         self.num_examples += metrics.bounded_examples(update.num_examples)
@@ -129,6 +145,20 @@ class RoundAccumulator:
         self.zeroed_count += int(zeroed)
         self.clipped_count += int(clipped)
         return AddResult(l2_norm=norm, non_finite=non_finite, zeroed=zeroed, clipped=clipped)
+
+    def _add_trainable(self, update: ClientUpdate, scale: float | None) -> None:
+        flat, total = update.trainable_flat, self._flat_sum
+        if flat is not None and total is not None and flat.shape != total.shape:
+            raise ValueError(f"Flat update has {flat.size} elements, the model {total.size}.")
+        if flat is not None and total is not None and not self._summed:
+            # Nothing summed yet (all zeros): lay the sums out as this update's tensors lie.
+            self._sum = _tensor_views(total, self._shapes, update.flat_order)
+            self._flat_order = update.flat_order
+        self._summed = True
+        if flat is not None and total is not None and update.flat_order == self._flat_order:
+            update_norms.add_scaled((total,), (flat,), scale)
+        else:
+            update_norms.add_scaled(self._sum, update.trainable, scale)
 
     def _check_shapes(self, update: ClientUpdate) -> None:
         if len(update.trainable) != len(self._shapes):
@@ -179,3 +209,22 @@ class RoundAccumulator:
     def metric_sums(self) -> dict[str, metrics.FloatArray]:
         """Returns copies of the summed, flattened metric states by metric name."""
         return {name: s.copy() for name, s in self._metric_sums.items()}
+
+
+def _tensor_views(
+    flat: Tensor, shapes: list[tuple[int, ...]], order: tuple[int, ...]
+) -> list[Tensor]:
+    """Views of `flat` for each shape, laid out back to back in `order` (model positions).
+
+    Raises:
+        ValueError: If `order` is not a permutation of the positions.
+    """
+    if sorted(order) != list(range(len(shapes))):
+        raise ValueError(f"Flat tensor order {order} is not a permutation of the model's.")
+    views: dict[int, Tensor] = {}
+    start = 0
+    for position in order:
+        size = math.prod(shapes[position])
+        views[position] = flat[start : start + size].reshape(shapes[position])
+        start += size
+    return [views[p] for p in range(len(shapes))]

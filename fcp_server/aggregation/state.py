@@ -32,12 +32,17 @@ class ClientUpdate:
         sum_of_squares: The trainable tensors' sum of squares as the server's own decoding
             computed it (`update_norms.sum_of_squares`, a by-product of the finiteness check),
             reused for clipping; None to compute it when aggregated. Never a device's claim.
+        trainable_flat: When the decoder found all trainable tensors back to back with one
+            dtype: one 1-D view over them (the same memory as `trainable`), else None.
+        flat_order: The model positions of the tensors in `trainable_flat`, in its order.
     """
 
     trainable: Tensors
     num_examples: int
     metrics: Mapping[str, Tensors]
     sum_of_squares: float | None = None
+    trainable_flat: Tensor | None = None
+    flat_order: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
