@@ -148,7 +148,8 @@ class AdaptiveGaussianQuery:
         p = self.params
         value_z = p.value_noise_multiplier()
         std = dp.noise_stddev(value_z, self.clip)
-        noised = dp.noised_float64(total, std, rng)
+        m = p.clients_per_round
+        mean = dp.noised_float64(total, std, rng, divisor=m)
         count_noise = float(rng.normal(loc=0.0, scale=p.clipped_count_stddev))
         shifted = qe.shifted_count(below, num_records) + count_noise
         fraction = qe.below_estimate_fraction(shifted, p.clients_per_round)
@@ -157,7 +158,6 @@ class AdaptiveGaussianQuery:
         new_clip = max(
             qe.next_estimate(self.clip, fraction, p.target_quantile, p.learning_rate), _TINY
         )
-        m = p.clients_per_round
         metrics = dp_facts(value_z, self.clip, std / m, m)
         metrics.update(
             {
@@ -167,6 +167,4 @@ class AdaptiveGaussianQuery:
                 "dp/effective_noise_multiplier": p.noise_multiplier,
             }
         )
-        # The noised arrays are new: divided in place.
-        mean = tuple(np.divide(t, m, out=t) for t in noised)
         return QueryResult(mean, metrics, {CLIP_KEY: np.array(new_clip, dtype=np.float64)})

@@ -25,6 +25,8 @@ _SEED_BITS = 256
 # drawing blocks at once.
 _NOISE_BLOCK = 1 << 17
 _MAX_NOISE_THREADS = 4
+# Elements of a block processed at a time (256 KiB of float64, which the L2 cache holds).
+_NOISE_STEP = 1 << 15
 
 
 def global_l2_norm(tensors: Sequence[Tensor]) -> float:
@@ -149,25 +151,37 @@ def add_gaussian_noise(tensors: Sequence[Tensor], std: float, rng: np.random.Gen
     return tuple(out.astype(t.dtype, copy=False) for out, t in zip(noised, tensors, strict=True))
 
 
-def noised_float64(tensors: Sequence[Tensor], std: float, rng: np.random.Generator) -> Tensors:
-    """Returns new float64 arrays: the tensors plus independent N(0, std^2) noise.
+def noised_float64(
+    tensors: Sequence[Tensor],
+    std: float,
+    rng: np.random.Generator,
+    *,
+    divisor: float = 1.0,
+) -> Tensors:
+    """Returns new float64 arrays: (the tensors plus independent N(0, std^2) noise) / divisor.
 
     The noise is drawn in blocks of `_NOISE_BLOCK` elements, each from its own stream spawned
     from `rng` (numpy's `Generator.spawn`: independent streams derived from `rng`'s seed), and
     the blocks are drawn in parallel threads. The block size is fixed, so the noise depends only
-    on `rng`, never on the number of threads. A float32 tensor is added to the float64 noise
-    as it is: the conversion is exact, so the sum is the same as converting it first.
+    on `rng`, never on the number of threads. Each block is drawn, scaled, added to and divided
+    `_NOISE_STEP` elements at a time, so every step after the draw reads what the cache holds;
+    each element goes through the same operations in the same order as whole-array passes
+    would, so the result is bit-identical to them. A float32 tensor is added to the float64
+    noise as it is: the conversion is exact, so the sum is the same as converting it first.
 
     Args:
         tensors: Floating arrays.
         std: Noise standard deviation, >= 0.
         rng: The noise source; use `make_noise_rng()` in production.
+        divisor: What the noised sums are divided by (a query's fixed denominator), > 0.
 
     Raises:
-        ValueError: If `std` is negative or not finite, or a tensor is not floating point.
+        ValueError: If `std` is negative or not finite, `divisor` is not positive and finite,
+            or a tensor is not floating point.
     """
     if not (math.isfinite(std) and std >= 0.0):
         raise ValueError(f"Noise `std` must be a non-negative finite number, found {std}.")
+    _check_positive_finite(divisor, "divisor")
     for t in tensors:
         if not np.issubdtype(t.dtype, np.floating):
             raise ValueError(f"Gaussian noise needs floating tensors, found dtype {t.dtype}.")
@@ -183,9 +197,15 @@ def noised_float64(tensors: Sequence[Tensor], std: float, rng: np.random.Generat
 
     def draw(block: tuple[Tensor, Tensor], stream: np.random.Generator) -> None:
         out, values = block
-        stream.standard_normal(out=out)  # numpy fills it without holding the GIL
-        np.multiply(out, std, out=out)
-        np.add(out, values, out=out)
+        # Drawing a block in steps gives the same numbers as drawing it at once (the normal
+        # sampler consumes its stream element by element).
+        for start in range(0, out.size, _NOISE_STEP):
+            step = out[start : start + _NOISE_STEP]
+            stream.standard_normal(out=step)  # numpy fills it without holding the GIL
+            np.multiply(step, std, out=step)
+            np.add(step, values[start : start + _NOISE_STEP], out=step)
+            if divisor != 1.0:
+                np.divide(step, divisor, out=step)
 
     if len(blocks) > 1:
         list(_noise_threads().map(draw, blocks, streams))

@@ -126,9 +126,7 @@ class FixedGaussianQuery(FixedClip):
         """
         check_records(num_records, below_threshold, needs_count=False)
         std = dp.noise_stddev(self.noise_multiplier, self.clip)
-        noised = dp.noised_float64(total, std, rng)
-        # The noised arrays are new: divided in place.
-        mean = tuple(np.divide(t, self.clients_per_round, out=t) for t in noised)
+        mean = dp.noised_float64(total, std, rng, divisor=self.clients_per_round)
         std_of_mean = std / self.clients_per_round
         return QueryResult(
             mean, dp_facts(self.noise_multiplier, self.clip, std_of_mean, self.clients_per_round)

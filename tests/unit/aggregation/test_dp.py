@@ -124,6 +124,33 @@ def test_gaussian_noise_depends_on_the_generator_only_not_on_the_threads(monkeyp
     assert not np.array_equal(other[1], reference[1])
 
 
+@pytest.mark.parametrize("divisor", [1.0, 3.0])
+def test_noise_is_drawn_block_by_block_as_documented(divisor):
+    # The documented construction with whole-block numpy passes: one stream spawned per block,
+    # normal draws times std, plus the values, divided by the divisor.
+    rng_values = np.random.default_rng(3)
+    tensors = [
+        rng_values.normal(size=2 * dp._NOISE_BLOCK + 3 * dp._NOISE_STEP + 11).astype(np.float32),
+        np.full((5, 3), 2.0, np.float32),
+    ]
+    std = 0.7
+    streams = iter(np.random.default_rng(9).spawn(4))
+    expected = []
+    for t in tensors:
+        flat = t.reshape(-1).astype(np.float64)
+        blocks = []
+        for start in range(0, flat.size, dp._NOISE_BLOCK):
+            values = flat[start : start + dp._NOISE_BLOCK]
+            noise = next(streams).standard_normal(values.size)
+            blocks.append((noise * std + values) / divisor)
+        expected.append(np.concatenate(blocks).reshape(t.shape))
+    got = dp.noised_float64(tensors, std, np.random.default_rng(9), divisor=divisor)
+    for a, b in zip(got, expected, strict=True):
+        assert a.tobytes() == b.tobytes()
+    with pytest.raises(ValueError, match="divisor"):
+        dp.noised_float64(tensors, std, np.random.default_rng(9), divisor=0.0)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_draws_noise_with_threads_of_its_own():
     tensors = [np.zeros(2 * dp._NOISE_BLOCK, np.float64)]
