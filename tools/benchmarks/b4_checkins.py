@@ -6,7 +6,8 @@ assignment row and its status change (on PostgreSQL one statement, on SQLite one
 transaction). One open round with room for every check-in keeps
 each answer a 201. The baseline is a bare Flask endpoint on the same path and the same
 gunicorn config that parses the request and answers a fixed assignment (no database).
-Load: spawned processes of keep-alive client threads for a fixed duration.
+Load: spawned processes of keep-alive client threads (2 x 8, each on its own connection) for a
+fixed duration.
 """
 
 import contextlib
@@ -26,12 +27,17 @@ LOAD_THREADS = 8
 PATH = f"/taskassignment/v1/population/{POP}:create-task-assignment"
 
 
-def _rate(url: str, duration: float) -> float:
-    jobs = [
+def jobs(url: str, duration: float) -> list[loadgen.Job]:
+    """The load: `LOAD_PROCESSES` x `LOAD_THREADS` keep-alive clients checking in for `duration`.
+
+    The path is repeated once per thread: loadgen deals paths round-robin to a process's
+    threads, so a single path would leave all but one thread of each process idle.
+    """
+    return [
         loadgen.Job(
             base_url=url,
             method="POST",
-            paths=(PATH,),
+            paths=(PATH,) * LOAD_THREADS,
             threads=LOAD_THREADS,
             body="checkin",
             ok_status=201,
@@ -39,7 +45,10 @@ def _rate(url: str, duration: float) -> float:
         )
         for _ in range(LOAD_PROCESSES)
     ]
-    outcomes = loadgen.run(jobs)
+
+
+def _rate(url: str, duration: float) -> float:
+    outcomes = loadgen.run(jobs(url, duration))
     if sum(o.ok for o in outcomes) == 0:
         raise RuntimeError(f"no check-in succeeded against {url}")
     return loadgen.rate(outcomes)
