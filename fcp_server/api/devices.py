@@ -118,20 +118,21 @@ def create_task_assignment(pop: str) -> Response:
             device_key=key,
             cache=ctx.round_cache,
         )
-        answer = task_assignments_pb2.CreateTaskAssignmentResponse()
-        if isinstance(outcome, checkin.Rejection):
-            answer.rejection_info.CopyFrom(rejection_proto(outcome))
-            result = outcome.rating.name
-        else:
-            answer.task_assignment.CopyFrom(
-                task_assignment(
-                    outcome, gzip=gzip_ok, local_timeout=ctx.settings.local_compute_timeout_seconds
-                )
-            )
-            result = "SUCCESS"
+        if isinstance(outcome, checkin.Assigned):
             fault_points.hit("checkin.before_commit")
-    if result == "SUCCESS":
+    # The answer is built after the commit: on SQLite the transaction holds the write lock.
+    answer = task_assignments_pb2.CreateTaskAssignmentResponse()
+    if isinstance(outcome, checkin.Rejection):
+        answer.rejection_info.CopyFrom(rejection_proto(outcome))
+        result = outcome.rating.name
+    else:
         fault_points.hit("checkin.after_commit")
+        answer.task_assignment.CopyFrom(
+            task_assignment(
+                outcome, gzip=gzip_ok, local_timeout=ctx.settings.local_compute_timeout_seconds
+            )
+        )
+        result = "SUCCESS"
     ctx.metrics.checkins.inc(pop, result)
     return wire.respond(answer, status=201 if result == "SUCCESS" else 200)
 

@@ -147,8 +147,12 @@ def transaction(database: Database, device_key: str | None) -> Iterator[Connecti
     BEGIN and COMMIT round trips of every check-in.
     """
     if device_key is not None or database.engine.dialect.name != "postgresql":
-        with database.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE (`storage.db`)
+        # The transaction begins with the first statement (SQLAlchemy's autobegin), not on
+        # entry: on SQLite that BEGIN IMMEDIATE takes the write lock (`storage.db`), and the
+        # work before it (a cached round chosen, the draw) need not hold it.
+        with database.engine.connect() as conn:
             yield conn
+            conn.commit()
         return
     with database.engine.connect() as conn:
         # Switched on the driver's connection, not with SQLAlchemy's `isolation_level` option,

@@ -2,14 +2,16 @@
 
 SQLite (the embedded default) is opened in WAL mode with a busy timeout and foreign keys on,
 and every transaction starts with `BEGIN IMMEDIATE`: SQLite cannot upgrade a read lock to a
-write lock under contention (it fails with "database is locked" instead of waiting), so
-writers take the lock up front and simply queue. PostgreSQL (`postgresql+psycopg://`) runs at
-READ COMMITTED; correctness there comes from the conditional UPDATEs in `transitions`. A
-pooled PostgreSQL connection is tested with a `SELECT 1` before use only when it sat idle for
-`PG_PING_IDLE_SECONDS` (the pessimistic disconnect handling of SQLAlchemy's pooling guide,
-limited to connections that could have gone stale): pinging every checkout cost one round trip
-per request. A connection that breaks while in use is invalidated, with the rest of the pool,
-by SQLAlchemy's disconnect detection, and the request answers 503 (`storage.availability`).
+write lock under contention (it fails with "database is locked" instead of waiting), so writers
+take the lock up front and simply queue, first on a lock file of this server's writers
+(`sqlite_writers`), which hands the lock on without the busy handler's sleeps. PostgreSQL
+(`postgresql+psycopg://`) runs at READ COMMITTED; correctness there comes from the conditional
+UPDATEs in `transitions`. A pooled PostgreSQL connection is tested with a `SELECT 1` before use
+only when it sat idle for `PG_PING_IDLE_SECONDS` (the pessimistic disconnect handling of
+SQLAlchemy's pooling guide, limited to connections that could have gone stale): pinging every
+checkout cost one round trip per request. A connection that breaks while in use is invalidated,
+with the rest of the pool, by SQLAlchemy's disconnect detection, and the request answers 503
+(`storage.availability`).
 
 Sessions never commit by themselves: the request or CLI boundary owns `with session.begin():`
 (SQLAlchemy 2.0 session basics), and `expire_on_commit=False` keeps returned rows readable.
@@ -28,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from fcp_server import fault_points
+from fcp_server.storage import sqlite_writers
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # libpq waits forever for an unresponsive server by default; a request must get its 503 first.
@@ -71,9 +74,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         parsed = parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
         # The sqlite3 module's own transaction handling is switched off so BEGIN is ours.
-        kwargs.setdefault("connect_args", {})["isolation_level"] = None
+        connect_args = kwargs.setdefault("connect_args", {})
+        connect_args["isolation_level"] = None
         if parsed.database in (None, "", ":memory:"):
             raise ValueError("in-memory SQLite cannot be shared between sessions; use a file")
+        # Writers queue on a lock file before BEGIN IMMEDIATE (`sqlite_writers`).
+        connect_args.setdefault("factory", sqlite_writers.connection_factory(parsed.database))
         # Pooled, one connection per thread at a time: a fresh connection per session (NullPool)
         # re-ran the PRAGMAs and, closing the last one, checkpointed the WAL on every request.
         kwargs.setdefault("poolclass", QueuePool)
@@ -120,7 +126,13 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        dbapi_connection = connection.connection.dbapi_connection
+        sqlite_writers.enter_queue(dbapi_connection)  # left when COMMIT or ROLLBACK returns
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            sqlite_writers.leave_queue(dbapi_connection)
+            raise
 
 
 def connect(url: str, **kwargs: Any) -> Database:
