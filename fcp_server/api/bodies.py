@@ -12,16 +12,11 @@ anonymous memory mapping of exactly its size, unmapped when the last view of it 
 heap never sees a large buffer, and memory stays flat however many updates a worker receives.
 The mapping is not pre-faulted (MAP_POPULATE would save ~1 ms per 6.6 MB): its pages become
 resident only as bytes arrive, so a client that declares a large Content-Length and sends
-nothing holds no memory. A buffer of a transparent huge page or more is sized to whole huge
-pages and advised to use them (Linux): one page fault per 2 MiB instead of 512, which fills a
-6.6 MB update in ~0.6 ms instead of ~3.3 ms here. Memory then becomes resident 2 MiB at a time,
-so a body holds at most one huge page more than the bytes that arrived.
+nothing holds no memory.
 """
 
-import contextlib
 import io
 import mmap
-import pathlib
 
 from flask import request
 
@@ -31,22 +26,6 @@ from fcp_server import errors
 # buffers are recycled by malloc, large enough that the per-call cost does not matter.
 _READ_STEP = 1 << 20
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-_THP_SIZE_FILE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
-# Absent where the platform has no such advice (not Linux).
-_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
-
-
-def _huge_page_size() -> int | None:
-    """The transparent huge page size, or None where there are none."""
-    if _MADV_HUGEPAGE is None:
-        return None
-    try:
-        return int(_THP_SIZE_FILE.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-_HUGE_PAGE = _huge_page_size()
 
 
 def _declared_length(max_bytes: int) -> int | None:
@@ -76,15 +55,7 @@ def mapped_buffer(size: int) -> memoryview:
 
     An empty one is a view of `b""` (a mapping cannot be empty) and so is read-only.
     """
-    if not size:
-        return memoryview(b"")
-    if _HUGE_PAGE is None or _MADV_HUGEPAGE is None or size < _HUGE_PAGE:
-        return memoryview(mmap.mmap(-1, size, flags=_MAP_FLAGS))
-    # Whole huge pages: the kernel then aligns the mapping so that every page can be huge.
-    mapping = mmap.mmap(-1, -(-size // _HUGE_PAGE) * _HUGE_PAGE, flags=_MAP_FLAGS)
-    with contextlib.suppress(OSError):  # advice only: without it the pages are 4 KiB
-        mapping.madvise(_MADV_HUGEPAGE)
-    return memoryview(mapping)[:size]
+    return memoryview(mmap.mmap(-1, size, flags=_MAP_FLAGS) if size else b"")
 
 
 def read_update(max_bytes: int) -> memoryview:

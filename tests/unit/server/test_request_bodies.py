@@ -1,6 +1,5 @@
 """Request bodies: exact bytes, bounds, and device updates kept off the Python heap."""
 
-import ctypes
 import io
 import mmap
 import os
@@ -121,35 +120,3 @@ def test_an_update_buffer_holds_memory_only_for_the_bytes_that_arrived():
     assert _resident_bytes() - before < 16 << 20
     view[: 64 << 20] = b"\x01" * (64 << 20)  # what 64 MiB of received body makes resident
     assert _resident_bytes() - before > 48 << 20
-
-
-def _mapping(address: int) -> tuple[int, list[str]]:
-    """Size and VmFlags of this process's mapping that contains `address` (Linux smaps)."""
-    inside, size = False, 0
-    for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
-        first = line.split()[0]
-        if "-" in first and not first.endswith(":"):
-            start, end = (int(x, 16) for x in first.split("-"))
-            inside, size = start <= address < end, end - start
-        elif inside and first == "VmFlags:":
-            return size, line.split()[1:]
-    raise AssertionError(f"no mapping holds address {address:#x}")
-
-
-def _address(view: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
-
-
-@pytest.mark.skipif(bodies._HUGE_PAGE is None, reason="needs Linux transparent huge pages")
-def test_a_large_update_buffer_is_whole_huge_pages_advised_as_such():
-    huge = bodies._HUGE_PAGE
-    assert huge is not None
-    view = bodies.mapped_buffer(huge + 12_345)
-    assert len(view) == huge + 12_345
-    assert not view.readonly
-    assert view[-1] == 0
-    size, flags = _mapping(_address(view))
-    assert "hg" in flags
-    assert size % huge == 0  # a partial huge page at the end could only be 4 KiB pages
-    small = bodies.mapped_buffer(4096)  # below one huge page it would only waste memory
-    assert "hg" not in _mapping(_address(small))[1]
