@@ -31,9 +31,13 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 64  # the default listen backlog (5) drops some of 16 simultaneous connects
+
+
 @contextlib.contextmanager
 def _stub_server() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    server = _Server(("127.0.0.1", 0), _Recorder)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
