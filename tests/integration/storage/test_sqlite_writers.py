@@ -167,3 +167,72 @@ def test_an_anonymous_sqlite_check_in_takes_the_write_lock_at_its_first_statemen
         conn.execute(text("SELECT 1"))
         assert _queue_held(path)
     assert not _queue_held(path)
+
+
+def _hold_queue(path: Path) -> int:
+    """Takes the queue from outside (a description of our own); close the fd to let go."""
+    fd = os.open(sqlite_writers.lock_path(str(path)), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_writer_whose_turn_does_not_come_goes_on_without_the_queue(
+    sqlite_template, tmp_path, monkeypatch
+):
+    # Arrange: a short wait; the queue is held by a writer that never finishes (stopped),
+    # while SQLite's own lock is free.
+    monkeypatch.setattr(fcp_db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    path = tmp_path / "fcp.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    database = fcp_db.connect(f"sqlite:///{path}")
+    outside = _hold_queue(path)
+    done = threading.Event()
+
+    def write() -> None:
+        with database.engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+        done.set()
+
+    try:
+        # Act
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        # Assert: it went on after its wait instead of hanging behind the stopped writer.
+        assert done.is_set()
+    finally:
+        os.close(outside)
+    # The abandoned wait takes the queue when it comes free and lets go of it at once.
+    for _ in range(600):
+        if not _queue_held(path):
+            break
+        threading.Event().wait(0.05)
+    assert not _queue_held(path)
+    database.dispose()
+
+
+def test_a_contended_writer_holds_the_queue_it_waited_for_until_commit(sqlite_database):
+    # Arrange
+    database, path = sqlite_database
+    outside = _hold_queue(path)
+    in_transaction, finish, done = threading.Event(), threading.Event(), threading.Event()
+
+    def write() -> None:
+        with database.engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+            in_transaction.set()
+            finish.wait(60)
+        done.set()
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    assert not in_transaction.wait(0.3)  # it waits for its turn
+    # Act
+    os.close(outside)
+    # Assert
+    assert in_transaction.wait(60)
+    assert _queue_held(path)
+    finish.set()
+    thread.join(timeout=60)
+    assert done.is_set()
+    assert not _queue_held(path)
