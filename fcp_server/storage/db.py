@@ -79,10 +79,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         if parsed.database in (None, "", ":memory:"):
             raise ValueError("in-memory SQLite cannot be shared between sessions; use a file")
         # Writers queue on a lock file before BEGIN IMMEDIATE (`sqlite_writers`).
-        connect_args.setdefault(
-            "factory",
-            sqlite_writers.connection_factory(parsed.database, SQLITE_BUSY_TIMEOUT_MS / 1000),
-        )
+        connect_args.setdefault("factory", sqlite_writers.connection_factory(parsed.database))
         # Pooled, one connection per thread at a time: a fresh connection per session (NullPool)
         # re-ran the PRAGMAs and, closing the last one, checkpointed the WAL on every request.
         kwargs.setdefault("poolclass", QueuePool)

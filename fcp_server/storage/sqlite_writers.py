@@ -13,19 +13,9 @@ skips the queue, e.g. the sqlite3 shell, meets the busy handler as before). The 
 the flock of a process that dies, and closing a connection drops its flock. A thread that
 already holds the flock through another connection does not queue again (it would wait for
 itself forever): it goes straight to `BEGIN IMMEDIATE`, exactly as without the queue.
-
-The wait is bounded, as SQLite's busy timeout bounds its own: a blocking flock(2) cannot time
-out, so a contended wait runs on a thread of a small pool, on a file description of its own,
-while the writer waits for it at most `wait_seconds`. A writer whose turn does not come by then
-(a holder stopped mid-transaction) goes on without the queue: `BEGIN IMMEDIATE` then meets
-SQLite's lock and busy timeout, so the request fails with the database's error (a 503), never
-hangs. The abandoned wait releases the flock as soon as it gets it.
 """
 
-import concurrent.futures
-import dataclasses
 import fcntl
-import functools
 import os
 import sqlite3
 import threading
@@ -49,57 +39,41 @@ def _held_here() -> set[str]:
     return held
 
 
-def connection_factory(database: str, wait_seconds: float) -> type[sqlite3.Connection]:
+def connection_factory(database: str) -> type[sqlite3.Connection]:
     """A `sqlite3.Connection` subclass queueing its write transactions on `database`'s lock file.
 
     Pass it as sqlite3's `factory`; call `enter_queue()` before `BEGIN IMMEDIATE`. `commit`,
-    `rollback` and `close` leave the queue once SQLite has finished them. A writer waits at
-    most `wait_seconds` for its turn, then goes on without it (see the module docstring).
+    `rollback` and `close` leave the queue once SQLite has finished them.
     """
     path = lock_path(database)
 
     class QueuedConnection(sqlite3.Connection):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._fcp_fd = _open(path)
-            # The description holding the flock: our own, or a waiter's (closed to release).
-            self._fcp_lock_fd: int | None = None
+            self._fcp_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fcp_holding = False
             self._fcp_held: set[str] = set()  # the holding thread's set, once holding
-            # Every description this connection has open; closed also when the connection is
-            # dropped without close(), which drops its flock.
-            self._fcp_fds = [self._fcp_fd]
-            self._fcp_closer = weakref.finalize(self, _close_all, self._fcp_fds)
+            # Also when the connection is dropped without close(): the fd (and flock) go.
+            self._fcp_closer = weakref.finalize(self, os.close, self._fcp_fd)
 
         def enter_queue(self) -> None:
             """Waits for this server's other writers to finish, unless this thread is one."""
-            if self._fcp_lock_fd is not None:
+            if self._fcp_holding:
                 return
             held = _held_here()
             if path in held:  # this thread holds it through another connection
                 return
-            try:
-                fcntl.flock(self._fcp_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                lock_fd: int | None = self._fcp_fd
-            except BlockingIOError:
-                lock_fd = _wait_for_turn(path, wait_seconds)
-            if lock_fd is None:
-                return  # no turn in time: BEGIN IMMEDIATE waits (and fails) as without a queue
-            if lock_fd != self._fcp_fd:
-                self._fcp_fds.append(lock_fd)
-            self._fcp_lock_fd, self._fcp_held = lock_fd, held
+            fcntl.flock(self._fcp_fd, fcntl.LOCK_EX)
+            self._fcp_holding, self._fcp_held = True, held
             held.add(path)
 
         def leave_queue(self) -> None:
             """Lets the next writer in (no-op when not holding)."""
-            lock_fd, self._fcp_lock_fd = self._fcp_lock_fd, None
-            if lock_fd is None:
+            if not self._fcp_holding:
                 return
+            self._fcp_holding = False
             self._fcp_held.discard(path)
-            if lock_fd == self._fcp_fd:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
-            else:
-                self._fcp_fds.remove(lock_fd)
-                os.close(lock_fd)  # a waiter's description: closing it drops the flock
+            fcntl.flock(self._fcp_fd, fcntl.LOCK_UN)
 
         def commit(self) -> None:
             try:
@@ -117,68 +91,12 @@ def connection_factory(database: str, wait_seconds: float) -> type[sqlite3.Conne
             try:
                 super().close()
             finally:
-                self.leave_queue()
+                if self._fcp_holding:
+                    self._fcp_holding = False
+                    self._fcp_held.discard(path)
                 self._fcp_closer()  # closing the fd drops the flock
 
     return QueuedConnection
-
-
-def _close_all(fds: list[int]) -> None:
-    while fds:
-        os.close(fds.pop())
-
-
-def _open(path: str) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-
-@dataclasses.dataclass
-class _Wait:
-    """One contended wait: a file description of its own, flocked on a pool thread."""
-
-    fd: int
-    turn: threading.Event = dataclasses.field(default_factory=threading.Event)
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    abandoned: bool = False
-
-    def run(self) -> None:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)  # sleeps in the kernel until our turn
-        except OSError:
-            os.close(self.fd)
-            return
-        with self.lock:
-            if self.abandoned:
-                os.close(self.fd)  # the writer went on without us: let the next one in
-            else:
-                self.turn.set()
-
-
-def _wait_for_turn(path: str, wait_seconds: float) -> int | None:
-    """A new description of `path` holding its flock, or None after `wait_seconds`."""
-    wait = _Wait(_open(path))
-    try:
-        _waiters().submit(wait.run)
-    except RuntimeError:  # the pool is shut down (interpreter exit)
-        os.close(wait.fd)
-        return None
-    if wait.turn.wait(wait_seconds):
-        return wait.fd
-    with wait.lock:
-        if wait.turn.is_set():
-            return wait.fd
-        wait.abandoned = True
-    return None
-
-
-@functools.cache
-def _waiters() -> concurrent.futures.ThreadPoolExecutor:
-    # More than a process's concurrent writers (gunicorn threads, the worker's threads).
-    return concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="fcp-sqlite-queue")
-
-
-# A forked child inherits the pool object but not its threads: it must make its own.
-os.register_at_fork(after_in_child=_waiters.cache_clear)
 
 
 def enter_queue(dbapi_connection: Any) -> None:
