@@ -67,6 +67,37 @@ class Header:
     metadata: dict[str, str]
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorView:
+    """Where one array's elements are in a blob (as a checked header says)."""
+
+    name: str
+    dtype: np.dtype[Any]
+    count: int
+    offset: int  # from the blob's first byte
+    shape: tuple[int, ...]
+
+
+def tensor_views(header: Header) -> list[TensorView]:
+    """The checked header's tensors, in its order."""
+    views = []
+    for name, info in header.entries.items():
+        begin, end = info["data_offsets"]
+        dtype = numpy_dtype(info["dtype"])
+        count = (end - begin) // dtype.itemsize
+        views.append(
+            TensorView(name, dtype, count, header.data_start + begin, tuple(info["shape"]))
+        )
+    return views
+
+
+def view_array(data: bytes | memoryview, view: TensorView) -> Tensor:
+    """A read-only array over the blob's bytes of `view` (no copy)."""
+    flat = np.frombuffer(data, dtype=view.dtype, count=view.count, offset=view.offset)
+    flat.flags.writeable = False  # also for a view of a mutable buffer
+    return flat.reshape(view.shape)
+
+
 def header_end(data: bytes | memoryview, max_bytes: int) -> int:
     """Returns where the blob's data area starts (8 + the header length), bounds checked.
 
@@ -153,18 +184,7 @@ def decode_tensors(
         CheckpointError: If the blob is too large, truncated or malformed.
     """
     header = parse_header(data, max_bytes)
-    tensors = {}
-    for name, info in header.entries.items():
-        begin, end = info["data_offsets"]
-        dtype = numpy_dtype(info["dtype"])
-        flat = np.frombuffer(
-            data,
-            dtype=dtype,
-            count=(end - begin) // dtype.itemsize,
-            offset=header.data_start + begin,
-        )
-        flat.flags.writeable = False  # also for a view of a mutable buffer
-        tensors[name] = flat.reshape(info["shape"])
+    tensors = {v.name: view_array(data, v) for v in tensor_views(header)}
     return tensors, header.metadata
 
 

@@ -19,22 +19,24 @@ import dataclasses
 import math
 import types
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 
 from fcp_server.aggregation import update_norms
-from fcp_server.aggregation.state import ClientUpdate, Tensor
+from fcp_server.aggregation.state import ClientUpdate
 from fcp_server.plan_specs import NUM_EXAMPLES, Spec, update_specs
 from fcp_server.protos import plan_pb2
 from fcp_server.safetensors_codec import (
     CheckpointError,
+    TensorView,
     check_finite,
     check_tensors,
     encode_tensors,
     header_end,
-    numpy_dtype,
     parse_header,
+    tensor_views,
+    view_array,
 )
 
 DEFAULT_MAX_NUM_EXAMPLES = 10_000_000
@@ -49,27 +51,16 @@ class InvalidUpdate(CheckpointError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _View:
-    """One array of an update: where its elements are in the blob."""
-
-    name: str
-    dtype: np.dtype[Any]
-    count: int
-    offset: int  # from the blob's first byte
-    shape: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
 class _Recipe:
     """How to view the tensors of a blob whose header a layout accepted."""
 
-    views: tuple[_View, ...]
+    views: tuple[TensorView, ...]
     # The floating tensors whose finiteness is checked on their own (not the trainable ones,
     # which are checked with their norm).
     finite_checked: tuple[str, ...]
     # All trainable tensors back to back (None when they are not), and the model positions
     # of the tensors in the order they lie in it.
-    flat: _View | None
+    flat: TensorView | None
     flat_order: tuple[int, ...]
 
 
@@ -134,11 +125,11 @@ def decode_update(
     """
     layout = plan if isinstance(plan, UpdateLayout) else update_layout(plan)
     recipe = _recipe(data, layout, max_bytes)
-    tensors = {v.name: _array(data, v) for v in recipe.views}
+    tensors = {v.name: view_array(data, v) for v in recipe.views}
     for name in recipe.finite_checked:
         check_finite(name, tensors[name], InvalidUpdate)
     trainable = tuple(tensors[name] for name in layout.trainable)
-    flat = None if recipe.flat is None else _array(data, recipe.flat)
+    flat = None if recipe.flat is None else view_array(data, recipe.flat)
     # One pass gives the trainable tensors' finiteness and their sum of squares; the
     # aggregation then reuses that sum for clipping.
     sum_of_squares = update_norms.sum_of_squares(trainable if flat is None else (flat,))
@@ -191,14 +182,9 @@ def _check_new_header(data: bytes | memoryview, layout: UpdateLayout, max_bytes:
         header = parse_header(data, max_bytes)
     except CheckpointError as e:
         raise InvalidUpdate(str(e)) from e
-    views = []
-    for name, info in header.entries.items():
-        begin, end = info["data_offsets"]
-        dtype = numpy_dtype(info["dtype"])
-        count = (end - begin) // dtype.itemsize
-        views.append(_View(name, dtype, count, header.data_start + begin, tuple(info["shape"])))
+    views = tensor_views(header)
     # Names, shapes and dtypes depend on the header alone; values are checked per update.
-    arrays = {v.name: _array(data, v) for v in views}
+    arrays = {v.name: view_array(data, v) for v in views}
     check_tensors(arrays, layout.specs, InvalidUpdate, finite_checked=layout.specs.keys())
     flat, order = _flat_trainable(views, layout.trainable)
     trainable = set(layout.trainable)
@@ -209,8 +195,8 @@ def _check_new_header(data: bytes | memoryview, layout: UpdateLayout, max_bytes:
 
 
 def _flat_trainable(
-    views: list[_View], trainable: tuple[str, ...]
-) -> tuple[_View | None, tuple[int, ...]]:
+    views: list[TensorView], trainable: tuple[str, ...]
+) -> tuple[TensorView | None, tuple[int, ...]]:
     """One view over all trainable tensors if they lie back to back with one dtype."""
     position = {name: i for i, name in enumerate(trainable)}
     parts = sorted((v for v in views if v.name in position), key=lambda v: v.offset)
@@ -222,11 +208,5 @@ def _flat_trainable(
             return None, ()
         end += v.count * v.dtype.itemsize
     count = sum(v.count for v in parts)
-    flat = _View("trainable", parts[0].dtype, count, parts[0].offset, (count,))
+    flat = TensorView("trainable", parts[0].dtype, count, parts[0].offset, (count,))
     return flat, tuple(position[v.name] for v in parts)
-
-
-def _array(data: bytes | memoryview, view: _View) -> Tensor:
-    flat = np.frombuffer(data, dtype=view.dtype, count=view.count, offset=view.offset)
-    flat.flags.writeable = False  # also for a view of a mutable buffer
-    return flat.reshape(view.shape)

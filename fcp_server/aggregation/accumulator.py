@@ -148,14 +148,18 @@ class RoundAccumulator:
 
     def _add_trainable(self, update: ClientUpdate, scale: float | None) -> None:
         flat, total = update.trainable_flat, self._flat_sum
-        if flat is not None and total is not None and flat.shape != total.shape:
+        if flat is None or total is None:
+            self._summed = True
+            update_norms.add_scaled(self._sum, update.trainable, scale)
+            return
+        if flat.shape != total.shape:
             raise ValueError(f"Flat update has {flat.size} elements, the model {total.size}.")
-        if flat is not None and total is not None and not self._summed:
+        if not self._summed:
             # Nothing summed yet (all zeros): lay the sums out as this update's tensors lie.
             self._sum = _tensor_views(total, self._shapes, update.flat_order)
             self._flat_order = update.flat_order
         self._summed = True
-        if flat is not None and total is not None and update.flat_order == self._flat_order:
+        if update.flat_order == self._flat_order:
             update_norms.add_scaled((total,), (flat,), scale)
         else:
             update_norms.add_scaled(self._sum, update.trainable, scale)
