@@ -85,8 +85,7 @@ def two_passes(w: Workload, flats: tuple[Array, ...]) -> None:
     The same kernels as ours (`update_norms`) over the updates' flat trainable regions, with
     no decoding, bookkeeping, noise or optimizer: the floor our aggregation stands on.
     """
-    total = np.empty(flats[0].size, dtype=np.float32)
-    total.fill(0)
+    total = update_norms.zeroed_sum(flats[0].size, np.dtype(np.float32))
     for i in range(w.num_updates):
         flat = flats[i % len(flats)]
         norm = math.sqrt(update_norms.sum_of_squares((flat,)))
@@ -97,9 +96,7 @@ def numpy_add(w: Workload) -> None:
     """The baseline: in-place float32 add of the same N updates."""
     # Zeros written up front (as the accumulator does): numpy's lazily mapped zeros fault in
     # during the adds, which made this baseline ~1.4x slower at 10M parameters.
-    sums = [np.empty(s, dtype=np.float32) for s in w.shapes]
-    for total in sums:
-        total.fill(0)
+    sums = [update_norms.zeroed_sum(s, np.dtype(np.float32)) for s in w.shapes]
     for i in range(w.num_updates):
         for total, tensor in zip(sums, w.update(i), strict=True):
             np.add(total, tensor, out=total)
@@ -126,6 +123,9 @@ def run(quick: bool) -> list[Figure]:
     figures = []
     for shapes, n in sizes:
         w = make_workload(shapes, n)
+        # Untimed: the first round imports scipy's BLAS and starts the noise threads (with
+        # one repeat, as --quick runs, that once-per-process cost was most of the figure).
+        server_round(w, np.random.default_rng(0))
         ours = server_updates_per_second(w, repeats)
         base = n / best_seconds(functools.partial(numpy_add, w), repeats)
         layout = checkpoints.update_layout(w.plan)
