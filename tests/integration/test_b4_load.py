@@ -1,9 +1,10 @@
 """B4's load generator really runs every client it declares, each on a connection of its own.
 
 A stub HTTP/1.1 server answers 201 and records the client port of every request; B4's jobs
-must reach it from LOAD_PROCESSES x LOAD_THREADS distinct keep-alive connections. (With a
-single path, loadgen's round-robin dealing left all but one thread per process idle, so the
-"concurrent" benchmark ran two clients.) No timing is asserted.
+must reach it from LOAD_PROCESSES x LOAD_THREADS distinct keep-alive connections. (B4 has one
+path; loadgen used to deal paths round-robin to threads for timed jobs too, which left all but
+one thread per process idle, so the "concurrent" benchmark ran two clients.) No timing is
+asserted.
 """
 
 import contextlib

@@ -28,16 +28,12 @@ PATH = f"/taskassignment/v1/population/{POP}:create-task-assignment"
 
 
 def jobs(url: str, duration: float) -> list[loadgen.Job]:
-    """The load: `LOAD_PROCESSES` x `LOAD_THREADS` keep-alive clients checking in for `duration`.
-
-    The path is repeated once per thread: loadgen deals paths round-robin to a process's
-    threads, so a single path would leave all but one thread of each process idle.
-    """
+    """The load: `LOAD_PROCESSES` x `LOAD_THREADS` keep-alive clients checking in for `duration`."""
     return [
         loadgen.Job(
             base_url=url,
             method="POST",
-            paths=(PATH,) * LOAD_THREADS,
+            paths=(PATH,),
             threads=LOAD_THREADS,
             body="checkin",
             ok_status=201,

@@ -28,7 +28,8 @@ class Job:
 
     base_url: str
     method: str
-    # Paths, dealt round-robin to the process's threads; with `duration` they repeat.
+    # Paths, dealt round-robin to the process's threads (each path once); with `duration`
+    # every thread repeats all of them, each starting at another path.
     paths: tuple[str, ...]
     threads: int
     # "checkin" (a CreateTaskAssignmentRequest) or "update" (a device update).
@@ -109,9 +110,22 @@ def _thread(
     results.append([ok, failed, payload])
 
 
+def _lanes(job: Job) -> list[list[str]]:
+    """Each thread's paths: a share of them once, or all of them for a timed job.
+
+    A timed job repeats its paths, so every thread gets the whole list (rotated, to spread
+    the threads over them): dealt out instead, a job with fewer paths than threads would
+    leave threads idle (B4's single check-in path ran one client per process that way).
+    """
+    paths = list(job.paths)
+    if job.duration == 0 or not paths:
+        return [paths[k :: job.threads] for k in range(job.threads)]
+    return [paths[k % len(paths) :] + paths[: k % len(paths)] for k in range(job.threads)]
+
+
 def _process(job: Job, barrier: Barrier, queue: "multiprocessing.Queue[Any]") -> None:
     bodies = _bodies(job)
-    lanes = [list(job.paths[k :: job.threads]) for k in range(job.threads)]
+    lanes = _lanes(job)
     results: list[list[int]] = []
     threads = [
         threading.Thread(target=_thread, args=(job, lane, bodies, results)) for lane in lanes
