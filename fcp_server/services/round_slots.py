@@ -10,10 +10,13 @@ never over-assign, and its `status = COLLECTING` condition keeps a closed round 
 import dataclasses
 import datetime as dt
 import enum
+import re
 import uuid
+import weakref
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, Integer, String, bindparam, column, text
+from sqlalchemy import Connection, Dialect, Integer, String, bindparam, column, text
 from sqlalchemy.sql.expression import ColumnClause
 
 from fcp_server.storage.models import (
@@ -58,7 +61,7 @@ def _result_columns(*names: str) -> list[ColumnClause[Any]]:
 
 _INT_COLUMNS = frozenset(
     {"round_pk", "capacity", "active_count", "iteration_id", "base_result_id", "task_id"}
-    | {"traffic_weight", "claimed", "inserted"}
+    | {"traffic_weight"}
 )
 # Statuses are stored as enum names in VARCHARs, so the constants are written into the SQL.
 _ACTIVE_ROUNDS = text(
@@ -91,41 +94,51 @@ _INSERT_HISTORY = (
 # never conflict there, so for them the insert either happens or fails the whole statement.
 _SKIP_HELD = "ON CONFLICT (round_pk, device_key) DO NOTHING RETURNING id"
 _ASSIGNED, _ENTITY = AssignmentStatus.ASSIGNED.name, EntityKind.ASSIGNMENT.name
-_NOW = bindparam("now", type_=UtcDateTime())
+# The slot's statements run as driver SQL (`exec_driver_sql`): SQLAlchemy's events, error
+# wrapping and disconnect handling apply as to any statement, but without the compiled-cache
+# lookup and per-statement parameter processing, which cost more than SQLite's own work for
+# these one-row statements. `now` is converted once per check-in by the column type's own
+# bind processor (`_bound_now`), so the rows hold exactly what the ORM writes. Placeholders
+# are written `:name` (sqlite3's named style) and rewritten for psycopg (`%(name)s`).
+_STAMP = UtcDateTime()
+_STAMP_PROCESSORS: "weakref.WeakKeyDictionary[Dialect, Callable[[Any], Any] | None]" = (
+    weakref.WeakKeyDictionary()
+)
+_PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
 # SQLite: three statements inside the BEGIN IMMEDIATE transaction, which already excludes
 # every other writer.
-_SQLITE_CLAIM = text(_CLAIM)
+_SQLITE_CLAIM = _CLAIM
 _SQLITE_ASSIGNMENT = (
-    text(
-        f"{_INSERT_ASSIGNMENT} VALUES (:id, :round_pk, '{_ASSIGNED}', :version, :now, :now,"
-        f" :device_key) {_SKIP_HELD}"
-    )
-    .bindparams(_NOW)
-    .columns(column("id", String))
+    f"{_INSERT_ASSIGNMENT} VALUES (:id, :round_pk, '{_ASSIGNED}', :version, :now, :now,"
+    f" :device_key) {_SKIP_HELD}"
 )
-_SQLITE_HISTORY = text(
-    f"{_INSERT_HISTORY} VALUES ('{_ENTITY}', :id, NULL, '{_ASSIGNED}', :now, '')"
-).bindparams(_NOW)
+_SQLITE_HISTORY = f"{_INSERT_HISTORY} VALUES ('{_ENTITY}', :id, NULL, '{_ASSIGNED}', :now, '')"
 # PostgreSQL: one statement, one round trip, that inserts the rows only if the claim
 # succeeded. The claim locks the round's row (the one row every check-in of the round
 # writes) until the commit, so nothing but this statement and its commit may run meanwhile.
 # The commit does not wait for the WAL flush: an assignment lost in a crash costs nothing but
 # a retry (its report and upload are refused; uploads commit synchronously).
-_PG_TAKE_SLOT = (
-    text(
-        f"WITH claim AS ({_CLAIM} RETURNING id),"
-        f" assignment AS ({_INSERT_ASSIGNMENT} SELECT CAST(:id AS VARCHAR), claim.id,"
-        f" '{_ASSIGNED}', CAST(:version AS VARCHAR), :now, :now, CAST(:device_key AS VARCHAR)"
-        f" FROM claim {_SKIP_HELD}),"
-        f" history AS ({_INSERT_HISTORY} SELECT '{_ENTITY}', assignment.id, NULL,"
-        f" '{_ASSIGNED}', :now, '' FROM assignment)"
-        " SELECT (SELECT count(*) FROM claim) AS claimed,"
-        " (SELECT count(*) FROM assignment) AS inserted,"
-        " set_config('synchronous_commit', 'off', true) AS sync"
-    )
-    .bindparams(_NOW)
-    .columns(*_result_columns("claimed", "inserted", "sync"))
+_PG_TAKE_SLOT = _PLACEHOLDER.sub(
+    r"%(\1)s",
+    f"WITH claim AS ({_CLAIM} RETURNING id),"
+    f" assignment AS ({_INSERT_ASSIGNMENT} SELECT CAST(:id AS VARCHAR), claim.id,"
+    f" '{_ASSIGNED}', CAST(:version AS VARCHAR), :now, :now, CAST(:device_key AS VARCHAR)"
+    f" FROM claim {_SKIP_HELD}),"
+    f" history AS ({_INSERT_HISTORY} SELECT '{_ENTITY}', assignment.id, NULL,"
+    f" '{_ASSIGNED}', :now, '' FROM assignment)"
+    " SELECT (SELECT count(*) FROM claim) AS claimed,"
+    " (SELECT count(*) FROM assignment) AS inserted,"
+    " set_config('synchronous_commit', 'off', true) AS sync",
 )
+
+
+def _bound_now(dialect: Dialect, now: dt.datetime) -> Any:
+    """`now` as the dialect's driver receives a `UtcDateTime` value (naive input refused)."""
+    try:
+        processor = _STAMP_PROCESSORS[dialect]
+    except KeyError:
+        processor = _STAMP_PROCESSORS.setdefault(dialect, _STAMP.bind_processor(dialect))
+    return now if processor is None else processor(now)
 
 
 def active_rounds(conn: Connection, pop: str) -> list[OpenRound]:
@@ -150,20 +163,20 @@ def take_slot(
     assignment (a concurrent check-in of the same device took the round first); the slot is
     then given back inside the same transaction, so no other transaction ever sees it taken.
     """
-    params: dict[str, object] = {
+    params: dict[str, Any] = {
         "round_pk": round_pk,
         "id": str(uuid.uuid4()),
         "version": version_code,
-        "now": now,
+        "now": _bound_now(conn.dialect, now),
         "device_key": device_key,
     }
     if conn.dialect.name == "postgresql":
-        claimed, inserted, _ = conn.execute(_PG_TAKE_SLOT, params).one()
+        claimed, inserted, _ = conn.exec_driver_sql(_PG_TAKE_SLOT, params).one()
     else:
-        claimed = conn.execute(_SQLITE_CLAIM, params).rowcount
-        inserted = claimed and len(conn.execute(_SQLITE_ASSIGNMENT, params).all())
+        claimed = conn.exec_driver_sql(_SQLITE_CLAIM, params).rowcount
+        inserted = claimed and len(conn.exec_driver_sql(_SQLITE_ASSIGNMENT, params).all())
         if inserted:
-            conn.execute(_SQLITE_HISTORY, params)
+            conn.exec_driver_sql(_SQLITE_HISTORY, params)
     if claimed != 1:
         return None
     if inserted != 1:

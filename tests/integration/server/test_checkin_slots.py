@@ -5,6 +5,8 @@ its status change only if that succeeded; when the UPDATE finds the round full (
 check-in won the race), neither row may be written and the count must not move.
 """
 
+import datetime as dt
+
 from sqlalchemy import func, select
 
 from fcp_server.services import round_slots
@@ -33,3 +35,40 @@ def test_a_lost_slot_claim_leaves_no_assignment_or_history_row(api, ctx, clock):
     assert ids == {a.proto.assignment_id for a in held}
     assert history == len(held)
     assert active == len(held)
+
+
+def test_a_taken_slot_writes_its_times_as_the_orm_does(api, ctx):
+    # The slot's driver SQL converts `now` itself; the rows must hold exactly what the ORM
+    # writes for that instant, or typed comparisons (deadlines, sweeps) would miss them. A
+    # non-UTC offset and microseconds make any other rendering differ.
+    api.open_training(testkit.training_task(report_goal=2, max_size=2))
+    now = dt.datetime(2026, 3, 1, 1, 2, 3, 456_789, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with ctx.database.sessions() as session:
+        round_pk = session.scalars(select(Round.id)).one()
+    with ctx.database.engine.begin() as conn:
+        assignment_id = round_slots.take_slot(conn, round_pk, "100", None, now)
+    assert assignment_id is not None
+
+    with ctx.database.sessions() as session:
+        row = session.get(Assignment, assignment_id)
+        assert row is not None
+        assert (row.created_at, row.status_changed_at) == (now, now)
+        assert row.created_at.utcoffset() == dt.timedelta(0)
+        assert (row.client_version, row.device_key) == ("100", None)
+        # Typed comparisons bind `now` through the column type: they match only the same value.
+        assert (
+            session.scalar(
+                select(func.count()).select_from(Assignment).where(Assignment.created_at == now)
+            )
+            == 1
+        )
+        change = session.scalars(
+            select(StatusChange).where(StatusChange.entity_id == assignment_id)
+        ).one()
+        assert change.changed_at == now
+        assert (
+            session.scalar(
+                select(func.count()).select_from(StatusChange).where(StatusChange.changed_at == now)
+            )
+            == 1
+        )
