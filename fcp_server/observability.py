@@ -8,6 +8,7 @@ multiprocess mode); gauges of tasks and rounds by status are read from the share
 scrape time, so they agree across processes.
 """
 
+import bisect
 import json
 import logging
 import math
@@ -77,7 +78,9 @@ class Histogram:
     ) -> None:
         self.name, self.help, self.labels = name, help_text, tuple(labels)
         self.buckets = tuple(sorted(buckets))
-        self._series: dict[LabelValues, list[float]] = {}  # bucket counts..., sum, count
+        # Per series: the count of each bucket alone (not cumulative: one increment per
+        # observation, found by bisection), then the sum and the count; rendering adds them up.
+        self._series: dict[LabelValues, list[float]] = {}
         self._lock = threading.Lock()
 
     def observe(self, value: float, *label_values: str) -> None:
@@ -86,9 +89,9 @@ class Histogram:
             raise ValueError(f"{self.name}: bad observation {value} or labels {label_values}")
         with self._lock:
             series = self._series.setdefault(label_values, [0.0] * (len(self.buckets) + 2))
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    series[i] += 1
+            index = bisect.bisect_left(self.buckets, value)  # the first bound >= value
+            if index < len(self.buckets):
+                series[index] += 1
             series[-2] += value
             series[-1] += 1
 
@@ -99,9 +102,11 @@ class Histogram:
         with self._lock:
             items = sorted((k, list(v)) for k, v in self._series.items())
         for values, series in items:
+            cumulative = 0.0
             for bound, count in zip(self.buckets, series, strict=False):
+                cumulative += count
                 le = f'le="{_number(bound)}"'
-                yield f"{self.name}_bucket{_labels(self.labels, values, le)} {_number(count)}"
+                yield f"{self.name}_bucket{_labels(self.labels, values, le)} {_number(cumulative)}"
             inf = 'le="+Inf"'
             yield f"{self.name}_bucket{_labels(self.labels, values, inf)} {_number(series[-1])}"
             yield f"{self.name}_sum{_labels(self.labels, values)} {_number(series[-2])}"

@@ -18,7 +18,7 @@ from fcp_server.api import bodies, wire
 from fcp_server.api.context import db_session, server
 from fcp_server.protos import common_pb2, task_assignments_pb2
 from fcp_server.services import auth, blob_paths, checkin, rate_limits, reports, tasks, uploads
-from fcp_server.services.assignment_protos import task_assignment
+from fcp_server.services.assignment_protos import fill_task_assignment
 
 blueprint = Blueprint("devices", __name__, url_prefix="/taskassignment/v1")
 _ASSIGNMENT = "/population/<pop>/task/<int:task_id>/aggregation/<int:round_id>/task-assignment"
@@ -84,9 +84,21 @@ def check_population() -> None:
         tasks.check_population(pop)
 
 
-blueprint.before_request(check_population)
-blueprint.before_request(authenticate_device)
-blueprint.before_request(limit_device_rate)
+def admit_device() -> Response | None:
+    """Every device call's checks, in order: the population name, the token, the rate limit.
+
+    One hook instead of three: Flask's per-hook dispatch cost more than the checks themselves
+    on a check-in without device auth or rate limits.
+    """
+    check_population()
+    refused = authenticate_device()
+    if refused is not None:
+        return refused
+    limit_device_rate()
+    return None
+
+
+blueprint.before_request(admit_device)
 
 
 def rejection_proto(rejection: checkin.Rejection) -> common_pb2.RejectionInfo:
@@ -127,10 +139,11 @@ def create_task_assignment(pop: str) -> Response:
         result = outcome.rating.name
     else:
         fault_points.hit("checkin.after_commit")
-        answer.task_assignment.CopyFrom(
-            task_assignment(
-                outcome, gzip=gzip_ok, local_timeout=ctx.settings.local_compute_timeout_seconds
-            )
+        fill_task_assignment(
+            answer.task_assignment,
+            outcome,
+            gzip=gzip_ok,
+            local_timeout=ctx.settings.local_compute_timeout_seconds,
         )
         result = "SUCCESS"
     ctx.metrics.checkins.inc(pop, result)

@@ -31,6 +31,17 @@ def test_histogram_buckets_are_cumulative():
     assert 'fcp_d_seconds_count{p="x"} 3' in text
 
 
+def test_histogram_counts_a_value_on_a_bound_in_that_bucket():
+    h = Histogram("fcp_e_seconds", "Durations.", (), buckets=(10.0, 1.0, 5.0))
+    for value in (0.0, 1.0, 1.0, 5.0, 5.000001, 10.0, 11.0, -2.0):
+        h.observe(value)
+    text = "\n".join(h.render())
+    assert 'fcp_e_seconds_bucket{le="1"} 4' in text
+    assert 'fcp_e_seconds_bucket{le="5"} 5' in text
+    assert 'fcp_e_seconds_bucket{le="10"} 7' in text
+    assert 'fcp_e_seconds_bucket{le="+Inf"} 8' in text
+
+
 def test_server_metrics_render_gauges():
     m = ServerMetrics()
     m.checkins.inc("pop", "SUCCESS")
