@@ -57,6 +57,7 @@ from fcp_server.storage.models import (
     Task,
     TaskKind,
 )
+from fcp_server.storage.read_buffers import ReadBuffer
 
 _LOG = logging.getLogger(__name__)
 # Failures of a round's own data or plan: retried a bounded number of times, then FAILED.
@@ -147,13 +148,19 @@ def _layout(task: Task, plan: plan_pb2.ServerPlan) -> checkpoints.UpdateLayout:
 
 
 def _decode(
-    deps: Deps, task: Task, rnd: Round, layout: checkpoints.UpdateLayout, assignment_id: str
+    deps: Deps,
+    task: Task,
+    rnd: Round,
+    layout: checkpoints.UpdateLayout,
+    assignment_id: str,
+    buffer: ReadBuffer,
 ) -> checkpoints.ClientUpdate:
+    """One update, read into `buffer`: it must be dropped before the next `_decode`."""
     limit = deps.settings.max_upload_bytes
     name = blob_paths.gradient_blob(
         task.population_name, task.task_id, rnd.iteration_id, assignment_id
     )
-    data = deps.blobs.get(name, max_bytes=limit)
+    data = deps.blobs.get_into(name, buffer, max_bytes=limit)
     return checkpoints.decode_update(data, layout, max_bytes=limit)
 
 
@@ -172,8 +179,10 @@ def _train(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Out
     state = _base_state(deps, task, rnd, plan)
     acc = RoundAccumulator(plan, state.aggregator_state)
     layout = _layout(task, plan)
+    buffer = ReadBuffer()
     for assignment_id in _updates(deps, rnd):
-        acc.add(_decode(deps, task, rnd, layout, assignment_id))  # one update in memory at a time
+        # One update in memory at a time: `add` keeps no view of it, so the buffer is reused.
+        acc.add(_decode(deps, task, rnd, layout, assignment_id, buffer))
     outcome = finalize_round(acc, state, plan, deps.rng_factory())
     # Training round N is the N-th aggregation (a retried attempt never aggregated).
     budget = dp_budget.after_rounds(plan, task.total_iteration, rnd.iteration_id)
@@ -189,8 +198,9 @@ def _train(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Out
 def _evaluate(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Outputs:
     acc = RoundAccumulator(plan)  # an EVALUATION plan: metric state only, no DP query
     layout = _layout(task, plan)
+    buffer = ReadBuffer()
     for assignment_id in _updates(deps, rnd):
-        acc.add(_decode(deps, task, rnd, layout, assignment_id))
+        acc.add(_decode(deps, task, rnd, layout, assignment_id, buffer))
     values = finalize_evaluation(acc, plan)
     if rnd.evaluated_result_id is not None:
         # Which training round's model these metrics describe (see `eval_selection`).

@@ -36,6 +36,7 @@ from fcp_server.storage.blob_errors import (
     InvalidBlobName,
     InvalidBlobStoreUrl,
 )
+from fcp_server.storage.read_buffers import ReadBuffer
 
 # The errors and the content type are part of this interface: callers import them from here.
 __all__ = [
@@ -217,6 +218,20 @@ class BlobStore(abc.ABC):
                 f"blob {name!r} holds {len(raw.data)} bytes, more than max_bytes={max_bytes}"
             )
         return raw.data
+
+    def get_into(
+        self, name: str, buffer: ReadBuffer, *, max_bytes: int | None = None
+    ) -> bytes | memoryview:
+        """`get`, read into `buffer` where the backend can (the round close's update reads).
+
+        A returned view of `buffer` is read-only and valid until the buffer's next use (see
+        `ReadBuffer`). This default returns `get`'s bytes; stores that read in place override it.
+
+        Raises:
+            The errors of `get`.
+        """
+        del buffer  # a backend that cannot read in place ignores it
+        return self.get(name, max_bytes=max_bytes)
 
 
 # --- factory ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from fcp_server.storage.blobs import (
     InvalidBlobStoreUrl,
     RawBlob,
 )
+from fcp_server.storage.read_buffers import ReadBuffer
 
 _MAGIC: Final = b"FCPB"
 _VERSION: Final = 1
@@ -242,6 +243,28 @@ class LocalBlobStore(BlobStore):
         if len(data) != info.size:
             raise BlobCorrupt(f"blob {name!r} is shorter than its file size says")
         return RawBlob(info, data)
+
+    def get_into(
+        self, name: str, buffer: ReadBuffer, *, max_bytes: int | None = None
+    ) -> bytes | memoryview:
+        """See `BlobStore.get_into`: a blob stored as is is read straight into `buffer`."""
+        check_max_bytes(max_bytes)
+        with self._open(name) as f:
+            info, _ = self._read_header(f, name)
+            if info.gzipped:  # the gunzipped content is a new object anyway
+                return self.get(name, max_bytes=max_bytes)
+            if max_bytes is not None and info.size > max_bytes:
+                raise BlobTooLarge(
+                    f"blob {name!r} holds {info.size} bytes, more than max_bytes={max_bytes}"
+                )
+            view = buffer.take(info.size)
+            filled = 0
+            while filled < info.size:
+                got = f.readinto(view[filled:])  # type: ignore[attr-defined]
+                if not got:
+                    raise BlobCorrupt(f"blob {name!r} is shorter than its file size says")
+                filled += got
+        return view.toreadonly()
 
     def stat(self, name: str) -> BlobInfo:
         """See `BlobStore.stat`."""

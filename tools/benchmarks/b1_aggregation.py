@@ -1,10 +1,11 @@
 """B1: the server's aggregation kernel against numpy's in-place add (memory bandwidth).
 
 Ours is the round close's compute stage exactly as `services.round_close._train` runs it,
-minus the blob store read (B5 covers that): for each of N updates `checkpoints.decode_update`
-(safetensors header, names, shapes, dtypes, finiteness with the squared norm) then
-`RoundAccumulator.add` (zeroing checks, L2 clip, float32 BLAS running sum), then
-`finalize_round` (float64 Gaussian noise, the fixed denominator and the server SGD step).
+minus the blob store read (B5 covers that; the updates lie in memory as that read leaves
+them, in a `ReadBuffer` on transparent huge pages): for each of N updates
+`checkpoints.decode_update` (safetensors header, names, shapes, dtypes, finiteness with the
+squared norm) then `RoundAccumulator.add` (zeroing checks, L2 clip, float32 BLAS running sum),
+then `finalize_round` (float64 Gaussian noise, the fixed denominator and the server SGD step).
 The baseline adds the same float32 arrays in place into float32 sums, the least work any
 aggregator must do: one read of every update. The notes add two floors measured alike: the
 norm and the clipped add alone, and those plus the round's float64 noise, whose cost grows
@@ -28,6 +29,7 @@ from fcp_server.aggregation import (
 )
 from fcp_server.aggregation.state import ClientUpdate
 from fcp_server.protos import plan_pb2
+from fcp_server.storage.read_buffers import ReadBuffer
 from tools.benchmarks import workload
 from tools.benchmarks.figures import Figure
 from tools.benchmarks.timing import best_seconds
@@ -43,12 +45,12 @@ class Workload:
 
     shapes: workload.Shapes
     num_updates: int
-    blobs: tuple[bytes, ...]
+    blobs: tuple[memoryview, ...]
     arrays: tuple[tuple[Array, ...], ...]
     plan: plan_pb2.ServerPlan
     state: ServerState
 
-    def blob(self, i: int) -> bytes:
+    def blob(self, i: int) -> memoryview:
         """The i-th update's bytes (cycling through the distinct ones)."""
         return self.blobs[i % len(self.blobs)]
 
@@ -65,11 +67,18 @@ def make_workload(shapes: workload.Shapes, num_updates: int, seed: int = 0) -> W
     return Workload(
         shapes=shapes,
         num_updates=num_updates,
-        blobs=tuple(workload.update_bytes(a) for a in arrays),
+        blobs=tuple(_as_read(workload.update_bytes(a)) for a in arrays),
         arrays=tuple(tuple(a) for a in arrays),
         plan=workload.server_plan(shapes, report_goal=num_updates),
         state=ServerState(ModelWeights(weights, ()), {}, {}),
     )
+
+
+def _as_read(blob: bytes) -> memoryview:
+    """The blob in memory as the round close reads it (a `ReadBuffer` of its own)."""
+    view = ReadBuffer().take(len(blob))
+    view[:] = blob
+    return view.toreadonly()
 
 
 def server_round(w: Workload, rng: np.random.Generator) -> None:
