@@ -17,17 +17,15 @@ ODP's defaults apply to unset fields: population 3,000,000 and delta 1 / 3,000,0
 Poisson-sampling assumption is optimistic for check-in based selection (tff-dp-flex-facts.md
 section 3.2), so the Gaussian figures are what ODP reports, not a proof about a deployment.
 Results are cached: the same question is asked after every round. The worker asks ahead of
-time (`services.accounting_prefetch`), so PLD epsilons are computed under a lock: a round close
-that needs one meanwhile waits for it instead of computing it again. Epsilons computed by the
-same code in another process can be handed in (`learn_pld_epsilons`).
+time (`services.accounting_prefetch`) from a thread of its own, so the one-round PLD is built
+under a lock: a round close that needs it meanwhile waits for it instead of building it again.
 """
 
-import collections
 import dataclasses
 import functools
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -52,9 +50,6 @@ _SEARCH_DISCRETIZATION = 1e-3
 _PLD_DISCRETIZATION = 1e-4
 # Held while a PLD epsilon is computed (see the module docstring); re-entrant for the searches.
 _PLD_LOCK = threading.RLock()
-# PLD epsilons by (setup, rounds), computed here or handed in; at most this many, oldest out.
-_PLD_EPSILONS: collections.OrderedDict[tuple["DpSetup", int], float] = collections.OrderedDict()
-_MAX_PLD_EPSILONS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,24 +167,8 @@ def epsilon_spent(setup: DpSetup, rounds: int) -> float:
         return _pld_epsilon_spent(setup, rounds)
 
 
+@functools.lru_cache(maxsize=1024)
 def _pld_epsilon_spent(setup: DpSetup, rounds: int) -> float:
-    # Called under _PLD_LOCK.
-    known = _PLD_EPSILONS.get((setup, rounds))
-    if known is None:
-        known = _compose_pld_epsilon(setup, rounds)
-        _remember_pld_epsilons(setup, {rounds: known})
-    return known
-
-
-def _remember_pld_epsilons(setup: DpSetup, epsilons: Mapping[int, float]) -> None:
-    for rounds, epsilon in epsilons.items():
-        _PLD_EPSILONS[(setup, rounds)] = epsilon
-        _PLD_EPSILONS.move_to_end((setup, rounds))
-    while len(_PLD_EPSILONS) > _MAX_PLD_EPSILONS:
-        _PLD_EPSILONS.popitem(last=False)
-
-
-def _compose_pld_epsilon(setup: DpSetup, rounds: int) -> float:
     # What `PLDAccountant` computes for this event, bit for bit, without rebuilding the
     # one-round PLD (~2 s for q around 0.1) every time a round ends.
     step = _subsampled_gaussian_pld(setup.noise_multiplier, setup.sampling_probability)
@@ -197,23 +176,6 @@ def _compose_pld_epsilon(setup: DpSetup, rounds: int) -> float:
         step.self_compose(rounds)
     )
     return float(composed.get_epsilon_for_delta(setup.delta))
-
-
-def known_pld_epsilons(setup: DpSetup) -> dict[int, float]:
-    """Returns the PLD epsilons of `setup` this process has computed or learned, by rounds."""
-    with _PLD_LOCK:
-        return {n: e for (s, n), e in _PLD_EPSILONS.items() if s == setup}
-
-
-def learn_pld_epsilons(setup: DpSetup, compute: Callable[[], Mapping[int, float]]) -> None:
-    """Records the PLD epsilons `compute` returns (by rounds) as this process's answers.
-
-    `compute` must return what `epsilon_spent` would, e.g. `known_pld_epsilons` of another
-    process that ran the same accounting. It runs under the PLD lock, so a caller asking
-    meanwhile waits for its answers instead of computing them again.
-    """
-    with _PLD_LOCK:
-        _remember_pld_epsilons(setup, compute())
 
 
 @functools.lru_cache(maxsize=32)

@@ -100,12 +100,6 @@ class Worker:
         without waiting for the next full tick. A failing step is logged and retried later:
         this is the top-level handler of the background loop.
         """
-        try:
-            self._loop(stop)
-        finally:
-            self.accounting.close()
-
-    def _loop(self, stop: threading.Event) -> None:
         settings = self._deps.settings
         interval, poll = settings.worker_interval_seconds, settings.worker_close_poll_seconds
         while not stop.is_set():

@@ -186,21 +186,3 @@ def test_concurrent_callers_build_one_pld(callers):
         t.join(timeout=120)
     assert len(results) == callers and len(set(results)) == 1
     assert accounting._subsampled_gaussian_pld.cache_info().misses == built + 1
-
-
-def test_learned_epsilons_are_served_and_a_caller_meanwhile_waits_for_them():
-    setup = accounting.DpSetup(DpType.FIXED_GAUSSIAN, 1.3, 5, 500, 1e-5)
-    built = accounting._subsampled_gaussian_pld.cache_info().misses
-    answers = []
-    caller = threading.Thread(target=lambda: answers.append(accounting.epsilon_spent(setup, 4)))
-
-    def elsewhere():
-        caller.start()  # it asks while the answers are still being computed
-        return {4: 0.25, 5: 0.5}
-
-    accounting.learn_pld_epsilons(setup, elsewhere)
-    caller.join(timeout=60)
-    assert answers == [0.25]
-    assert accounting.epsilon_spent(setup, 5) == 0.5
-    assert accounting.known_pld_epsilons(setup) == {4: 0.25, 5: 0.5}
-    assert accounting._subsampled_gaussian_pld.cache_info().misses == built

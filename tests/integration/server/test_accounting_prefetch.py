@@ -2,14 +2,12 @@
 
 import itertools
 import json
-import os
 import time
 
 from fcp_server import accounting
 from fcp_server.app import worker_deps
 from fcp_server.protos import task_builder_pb2
 from fcp_server.services import blob_paths
-from fcp_server.services.accounting_prefetch import ACCOUNTING_NICENESS, AccountingPrefetch
 from fcp_server.worker import start_in_background
 from tests.integration.server import testkit
 from tests.integration.server.testkit import POP
@@ -77,29 +75,3 @@ def test_the_worker_loop_accounts_ahead_without_a_close(api, worker):
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive()
-
-
-def test_gaussian_accounting_runs_in_a_niced_process_of_its_own(api, app, worker):
-    setup = _open_dp_task(api)
-    prefetch = worker.accounting
-    built = accounting._subsampled_gaussian_pld.cache_info().misses
-    try:
-        assert prefetch.look_ahead(worker_deps(app.extensions["fcp"])) == 1
-        assert prefetch.wait_idle(timeout=120)
-        # This process never built the one-round PLD: the epsilon came from the other process.
-        assert accounting._subsampled_gaussian_pld.cache_info().misses == built
-        niceness = prefetch._executor().submit(os.nice, 0).result(timeout=60)
-    finally:
-        prefetch.close()
-    assert niceness == min(19, os.nice(0) + ACCOUNTING_NICENESS)
-    # Bit for bit what this process computes for the same question.
-    assert accounting.epsilon_spent(setup, 1) == accounting._compose_pld_epsilon(setup, 1)
-
-
-def test_without_its_process_the_thread_computes_in_place(api, app, worker):
-    _open_dp_task(api)
-    prefetch = AccountingPrefetch(own_process=False)
-    built = accounting._subsampled_gaussian_pld.cache_info().misses
-    assert prefetch.look_ahead(worker_deps(app.extensions["fcp"])) == 1
-    assert prefetch.wait_idle(timeout=120)
-    assert accounting._subsampled_gaussian_pld.cache_info().misses == built + 1
