@@ -147,21 +147,23 @@ def _layout(task: Task, plan: plan_pb2.ServerPlan) -> checkpoints.UpdateLayout:
     return checkpoints.update_layout(uploads.update_plan(plan, task.kind))
 
 
-def _decode(
-    deps: Deps,
-    task: Task,
-    rnd: Round,
-    layout: checkpoints.UpdateLayout,
-    assignment_id: str,
-    buffer: ReadBuffer,
-) -> checkpoints.ClientUpdate:
-    """One update, read into `buffer`: it must be dropped before the next `_decode`."""
+def _add_updates(
+    deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan, acc: RoundAccumulator
+) -> None:
+    """Reads, validates and adds the round's updates, one in memory at a time.
+
+    Every update is read into the same buffer: `add` keeps no view of an update, so the next
+    read may overwrite it.
+    """
+    layout = _layout(task, plan)
     limit = deps.settings.max_upload_bytes
-    name = blob_paths.gradient_blob(
-        task.population_name, task.task_id, rnd.iteration_id, assignment_id
-    )
-    data = deps.blobs.get_into(name, buffer, max_bytes=limit)
-    return checkpoints.decode_update(data, layout, max_bytes=limit)
+    buffer = ReadBuffer()
+    for assignment_id in _updates(deps, rnd):
+        name = blob_paths.gradient_blob(
+            task.population_name, task.task_id, rnd.iteration_id, assignment_id
+        )
+        data = deps.blobs.get_into(name, buffer, max_bytes=limit)
+        acc.add(checkpoints.decode_update(data, layout, max_bytes=limit))
 
 
 def _base_state(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> ServerState:
@@ -178,11 +180,7 @@ def _base_state(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -
 def _train(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Outputs:
     state = _base_state(deps, task, rnd, plan)
     acc = RoundAccumulator(plan, state.aggregator_state)
-    layout = _layout(task, plan)
-    buffer = ReadBuffer()
-    for assignment_id in _updates(deps, rnd):
-        # One update in memory at a time: `add` keeps no view of it, so the buffer is reused.
-        acc.add(_decode(deps, task, rnd, layout, assignment_id, buffer))
+    _add_updates(deps, task, rnd, plan, acc)
     outcome = finalize_round(acc, state, plan, deps.rng_factory())
     # Training round N is the N-th aggregation (a retried attempt never aggregated).
     budget = dp_budget.after_rounds(plan, task.total_iteration, rnd.iteration_id)
@@ -197,10 +195,7 @@ def _train(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Out
 
 def _evaluate(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Outputs:
     acc = RoundAccumulator(plan)  # an EVALUATION plan: metric state only, no DP query
-    layout = _layout(task, plan)
-    buffer = ReadBuffer()
-    for assignment_id in _updates(deps, rnd):
-        acc.add(_decode(deps, task, rnd, layout, assignment_id, buffer))
+    _add_updates(deps, task, rnd, plan, acc)
     values = finalize_evaluation(acc, plan)
     if rnd.evaluated_result_id is not None:
         # Which training round's model these metrics describe (see `eval_selection`).

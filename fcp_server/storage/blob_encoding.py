@@ -67,7 +67,7 @@ def stored_limit(max_bytes: int) -> int:
     return max_bytes + (max_bytes >> 10) + 1024
 
 
-def gunzip_bounded(data: bytes, max_bytes: int | None, *, what: str) -> bytes:
+def gunzip_bounded(data: bytes | memoryview, max_bytes: int | None, *, what: str) -> bytes:
     """Decompresses gzip (one or more members), never producing more than `max_bytes`.
 
     Args:

@@ -18,7 +18,7 @@ encoded by `blob_encoding`.
 import abc
 import builtins
 import dataclasses
-from typing import Final
+from typing import Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from fcp_server.storage.blob_encoding import (
@@ -206,18 +206,22 @@ class BlobStore(abc.ABC):
             BlobCorrupt: The blob is marked gzip but is not valid gzip.
         """
         check_max_bytes(max_bytes)
-        limit = None if max_bytes is None else stored_limit(max_bytes)
         try:
-            raw = self.get_raw(name, max_bytes=limit)
+            raw = self.get_raw(name, max_bytes=_stored_limit(max_bytes))
         except BlobTooLarge as e:
             raise BlobTooLarge(f"blob {name!r} is larger than max_bytes={max_bytes}") from e
-        if raw.info.gzipped:
-            return gunzip_bounded(raw.data, max_bytes, what=repr(name))
-        if max_bytes is not None and len(raw.data) > max_bytes:
-            raise BlobTooLarge(
-                f"blob {name!r} holds {len(raw.data)} bytes, more than max_bytes={max_bytes}"
-            )
-        return raw.data
+        return _content(name, raw.info, raw.data, max_bytes)
+
+    def get_raw_into(
+        self, name: str, buffer: ReadBuffer, *, max_bytes: int | None = None
+    ) -> tuple[BlobInfo, bytes | memoryview]:
+        """`get_raw`, with the stored bytes read into `buffer` where the backend can.
+
+        This default returns `get_raw`'s bytes; stores that read in place override it.
+        """
+        del buffer  # a backend that cannot read in place ignores it
+        raw = self.get_raw(name, max_bytes=max_bytes)
+        return raw.info, raw.data
 
     def get_into(
         self, name: str, buffer: ReadBuffer, *, max_bytes: int | None = None
@@ -225,13 +229,35 @@ class BlobStore(abc.ABC):
         """`get`, read into `buffer` where the backend can (the round close's update reads).
 
         A returned view of `buffer` is read-only and valid until the buffer's next use (see
-        `ReadBuffer`). This default returns `get`'s bytes; stores that read in place override it.
+        `ReadBuffer`); gunzipped content is a new object.
 
         Raises:
             The errors of `get`.
         """
-        del buffer  # a backend that cannot read in place ignores it
-        return self.get(name, max_bytes=max_bytes)
+        check_max_bytes(max_bytes)
+        try:
+            info, data = self.get_raw_into(name, buffer, max_bytes=_stored_limit(max_bytes))
+        except BlobTooLarge as e:
+            raise BlobTooLarge(f"blob {name!r} is larger than max_bytes={max_bytes}") from e
+        return _content(name, info, data, max_bytes)
+
+
+_Stored = TypeVar("_Stored", bytes, memoryview, bytes | memoryview)
+
+
+def _stored_limit(max_bytes: int | None) -> int | None:
+    return None if max_bytes is None else stored_limit(max_bytes)
+
+
+def _content(name: str, info: BlobInfo, data: _Stored, max_bytes: int | None) -> bytes | _Stored:
+    """The stored bytes uncompressed (gzip bounded by `max_bytes`), or refused as too large."""
+    if info.gzipped:
+        return gunzip_bounded(data, max_bytes, what=repr(name))
+    if max_bytes is not None and len(data) > max_bytes:
+        raise BlobTooLarge(
+            f"blob {name!r} holds {len(data)} bytes, more than max_bytes={max_bytes}"
+        )
+    return data
 
 
 # --- factory ----------------------------------------------------------------------------------

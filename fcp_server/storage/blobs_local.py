@@ -14,7 +14,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, TypeVar
 
 from fcp_server import fault_points
 from fcp_server.storage.blob_encoding import check_max_bytes, encode_content
@@ -33,6 +33,7 @@ from fcp_server.storage.blobs import (
 )
 from fcp_server.storage.read_buffers import ReadBuffer
 
+_Data = TypeVar("_Data", bytes, memoryview)
 _MAGIC: Final = b"FCPB"
 _VERSION: Final = 1
 _FLAG_GZIP: Final = 1
@@ -231,6 +232,19 @@ class LocalBlobStore(BlobStore):
 
     def get_raw(self, name: str, *, max_bytes: int | None = None) -> RawBlob:
         """See `BlobStore.get_raw`."""
+        return RawBlob(*self._read(name, max_bytes, lambda f, _: f.read()))
+
+    def get_raw_into(
+        self, name: str, buffer: ReadBuffer, *, max_bytes: int | None = None
+    ) -> tuple[BlobInfo, bytes | memoryview]:
+        """See `BlobStore.get_raw_into`: the stored bytes are read straight into `buffer`."""
+        info, view = self._read(name, max_bytes, lambda f, size: _read_into(f, buffer.take(size)))
+        return info, view.toreadonly()
+
+    def _read(
+        self, name: str, max_bytes: int | None, read: Callable[[BinaryIO, int], _Data]
+    ) -> tuple[BlobInfo, _Data]:
+        """The blob's info and its stored bytes as `read(file, size)` returns them."""
         check_max_bytes(max_bytes)
         # Files are only ever replaced, never modified, so one open fd is one consistent version.
         with self._open(name) as f:
@@ -239,32 +253,10 @@ class LocalBlobStore(BlobStore):
                 raise BlobTooLarge(
                     f"blob {name!r} stores {info.size} bytes, more than max_bytes={max_bytes}"
                 )
-            data = f.read()
+            data = read(f, info.size)
         if len(data) != info.size:
             raise BlobCorrupt(f"blob {name!r} is shorter than its file size says")
-        return RawBlob(info, data)
-
-    def get_into(
-        self, name: str, buffer: ReadBuffer, *, max_bytes: int | None = None
-    ) -> bytes | memoryview:
-        """See `BlobStore.get_into`: a blob stored as is is read straight into `buffer`."""
-        check_max_bytes(max_bytes)
-        with self._open(name) as f:
-            info, _ = self._read_header(f, name)
-            if info.gzipped:  # the gunzipped content is a new object anyway
-                return self.get(name, max_bytes=max_bytes)
-            if max_bytes is not None and info.size > max_bytes:
-                raise BlobTooLarge(
-                    f"blob {name!r} holds {info.size} bytes, more than max_bytes={max_bytes}"
-                )
-            view = buffer.take(info.size)
-            filled = 0
-            while filled < info.size:
-                got = f.readinto(view[filled:])  # type: ignore[attr-defined]
-                if not got:
-                    raise BlobCorrupt(f"blob {name!r} is shorter than its file size says")
-                filled += got
-        return view.toreadonly()
+        return info, data
 
     def stat(self, name: str) -> BlobInfo:
         """See `BlobStore.stat`."""
@@ -308,3 +300,14 @@ class LocalBlobStore(BlobStore):
                 )
             elif entry.name.endswith(_FILE_SUFFIX) and entry.is_file(follow_symlinks=False):
                 yield base + entry.name[: -len(_FILE_SUFFIX)]
+
+
+def _read_into(f: BinaryIO, view: memoryview) -> memoryview:
+    """Fills `view` from `f`; returns the part filled (shorter only at end of file)."""
+    filled = 0
+    while filled < len(view):
+        got = f.readinto(view[filled:])  # type: ignore[attr-defined]
+        if not got:
+            break
+        filled += got
+    return view[:filled]
