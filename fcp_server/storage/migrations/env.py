@@ -16,6 +16,12 @@ def _run(connection: Connection) -> None:
         # SQLite cannot ALTER most things in place; batch mode rebuilds tables instead.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # Alembic assumes SQLite has no transactional DDL and runs each statement on its own,
+        # so two processes migrating a new database at once (gunicorn workers that each
+        # auto-migrate) both read the old revision and one fails on a duplicate column. SQLite
+        # does roll back DDL: one transaction (BEGIN IMMEDIATE, `storage.db`) serialises them,
+        # and the later one finds the schema current.
+        transactional_ddl=True,
     )
     with context.begin_transaction():
         context.run_migrations()
