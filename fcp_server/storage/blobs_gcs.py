@@ -18,14 +18,16 @@ but not for two writers racing on one name.
 
 import builtins
 import contextlib
+import io
 import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TypeVar
 
 from fcp_server.storage import blob_encoding, blob_names, blobs
+from fcp_server.storage.read_buffers import ReadBuffer, ViewWriter
 
 _LOG = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ _SHA256_KEY: Final = "sha256"
 _BUCKET_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 # A blob that changes between its metadata read and its download is read again this often.
 _READ_ATTEMPTS: Final = 5
+_Data = TypeVar("_Data", bytes, memoryview)
 
 
 def _import_storage() -> Any:
@@ -223,6 +226,35 @@ class GcsBlobStore(blobs.BlobStore):
 
     def get_raw(self, name: str, *, max_bytes: int | None = None) -> blobs.RawBlob:
         """See `BlobStore.get_raw`."""
+
+        def download(blob: Any, generation: Any, size: int) -> bytes | None:
+            del size  # the bytes object grows as the download writes
+            stream = io.BytesIO()
+            return stream.getvalue() if self._download(name, blob, generation, stream) else None
+
+        return blobs.RawBlob(*self._read(name, max_bytes, download))
+
+    def get_raw_into(
+        self, name: str, buffer: ReadBuffer, *, max_bytes: int | None = None
+    ) -> tuple[blobs.BlobInfo, bytes | memoryview]:
+        """See `BlobStore.get_raw_into`: the download is written straight into `buffer`."""
+
+        def download(blob: Any, generation: Any, size: int) -> memoryview | None:
+            view = buffer.take(size)
+            writer = ViewWriter(view)
+            if not self._download(name, blob, generation, writer) or writer.written != size:
+                return None  # gone, or not the size its metadata said: look again
+            return view.toreadonly()
+
+        return self._read(name, max_bytes, download)
+
+    def _read(
+        self,
+        name: str,
+        max_bytes: int | None,
+        download: Callable[[Any, Any, int], _Data | None],
+    ) -> tuple[blobs.BlobInfo, _Data]:
+        # One consistent version: metadata, then the download pinned to its generation.
         blob_encoding.check_max_bytes(max_bytes)
         for _ in range(_READ_ATTEMPTS):
             blob = self._fetch_metadata(name)
@@ -233,21 +265,22 @@ class GcsBlobStore(blobs.BlobStore):
                 )
             # Read before downloading: the library resets it from the download's headers.
             generation = blob.generation
-            data = self._download(name, blob, generation)
+            data = download(blob, generation, info.size)
             if data is None or not self._unchanged(name, generation):
                 continue  # replaced or deleted since the metadata read: look again
             if max_bytes is not None and len(data) > max_bytes:
                 raise blobs.BlobTooLarge(f"blob {name!r} is larger than max_bytes={max_bytes}")
-            return blobs.RawBlob(info, data)
+            return info, data
         raise blobs.BlobBackendError(
             f"blob {name!r} changed during each of {_READ_ATTEMPTS} read attempts"
         )
 
-    def _download(self, name: str, blob: Any, generation: Any) -> bytes | None:
-        # Pinned to the generation just described; None if that generation is gone.
+    def _download(self, name: str, blob: Any, generation: Any, stream: Any) -> bool:
+        # Pinned to the generation just described; False if that generation is gone.
         try:
             with self._errors(f"download blob {name!r}"):
-                data = blob.download_as_bytes(
+                blob.download_to_file(
+                    stream,
                     raw_download=True,
                     if_generation_match=generation,
                     timeout=self._timeout,
@@ -255,9 +288,9 @@ class GcsBlobStore(blobs.BlobStore):
                 )
         except blobs.BlobBackendError as e:
             if isinstance(e.__cause__, (self._not_found, self._precondition_failed)):
-                return None
+                return False
             raise
-        return bytes(data)
+        return True
 
     def _unchanged(self, name: str, generation: Any) -> bool:
         # Real GCS already enforces the pin above, but gcp-storage-emulator ignores

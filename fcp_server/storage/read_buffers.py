@@ -47,3 +47,33 @@ class ReadBuffer:
             if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only; elsewhere plain pages
                 self._map.madvise(mmap.MADV_HUGEPAGE)
         return memoryview(self._map)[:size]
+
+
+class ViewWriter:
+    """A write-only stream whose writes land in one view, never beyond it.
+
+    The GCS store's `get_raw_into` hands it to the client library's download. Bytes past
+    the view's end are counted, not stored: `written` then exceeds `len(view)`, and the
+    caller treats the read as failed.
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        """Writes will fill `view` from its start."""
+        self._view = view
+        self.written = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Copies `data` after what was written so far; returns its length."""
+        size = len(data)
+        end = self.written + size
+        if end <= len(self._view):
+            self._view[self.written : end] = data
+        self.written = end
+        return size
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Only a rewind to the start (a download that starts over) is supported."""
+        if (offset, whence) != (0, 0):
+            raise OSError("a ViewWriter can only rewind to its start")
+        self.written = 0
+        return 0

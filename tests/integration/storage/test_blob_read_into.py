@@ -1,11 +1,13 @@
 """BlobStore.get_into (the round close's update reads) against `get`, on every backend."""
 
+import threading
+
 import numpy as np
 import pytest
 
 from fcp_server.storage import blobs
 from fcp_server.storage.blobs import BlobNotFound, BlobTooLarge
-from fcp_server.storage.read_buffers import ReadBuffer
+from fcp_server.storage.read_buffers import ReadBuffer, ViewWriter
 
 
 @pytest.fixture(params=["local", pytest.param("gcs", marks=pytest.mark.gcs)])
@@ -32,14 +34,60 @@ def test_successive_reads_into_one_buffer_equal_get(store, gzip):
         assert bytes(got) == data == store.get(f"u/{i}")
 
 
-def test_local_reads_land_in_the_buffer_read_only(blob_store):
+def test_plain_reads_land_in_the_buffer_read_only(store):
     data = _content(70_000, 1)
-    blob_store.put("u", data)
+    store.put("u", data)
     buffer = ReadBuffer()
-    got = blob_store.get_into("u", buffer)
+    got = store.get_into("u", buffer)
     assert isinstance(got, memoryview) and got.readonly
     assert bytes(buffer.take(len(data))) == data  # read in place, not copied elsewhere
     assert buffer.capacity == 2 << 20
+
+
+def test_reads_into_a_buffer_never_see_a_partial_write(store):
+    # Versions of different sizes: a download of a newer, larger version than the metadata
+    # described must not spill past the view (the GCS emulator ignores the generation pin).
+    versions = [_content(100_000, 3), _content(300_000, 4), _content(20_000, 5)]
+    store.put("hot", versions[0])
+    seen: list[bytes] = []
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        buffer = ReadBuffer()
+        while not stop.is_set():
+            try:
+                seen.append(bytes(store.get_into("hot", buffer)))
+            except blobs.BlobBackendError as e:
+                assert "changed during each" in str(e)  # a clear refusal, never mixed bytes
+            except Exception as e:
+                errors.append(e)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(30):
+            store.put("hot", versions[i % 3])
+    finally:
+        stop.set()
+        reader.join()
+    assert errors == []
+    assert seen and all(s in versions for s in seen)
+
+
+def test_view_writer_fills_its_view_and_counts_what_does_not_fit():
+    view = memoryview(bytearray(8))
+    writer = ViewWriter(view)
+    assert writer.write(b"abc") == 3 and writer.write(memoryview(b"defgh")) == 5
+    assert bytes(view) == b"abcdefgh" and writer.written == 8
+    assert writer.write(b"ij") == 2 and writer.written == 10  # counted, not stored
+    assert bytes(view) == b"abcdefgh"
+    assert writer.seek(0) == 0 and writer.written == 0
+    writer.write(b"zz")
+    assert bytes(view) == b"zzcdefgh"
+    with pytest.raises(OSError, match="rewind"):
+        writer.seek(3)
 
 
 def test_bounds_and_missing_blobs_fail_as_get_does(store):
