@@ -27,6 +27,7 @@ from fcp_server.api import (
 )
 from fcp_server.clock import Clock, SystemClock
 from fcp_server.services.auth import Authenticator, OpenAuthenticator, TokenAuthenticator
+from fcp_server.services.download_cache import KnownTasks, PublishedBlobs
 from fcp_server.services.plan_cache import PlanCache
 from fcp_server.services.round_cache import OpenRoundsCache
 from fcp_server.services.round_close import Deps
@@ -98,6 +99,8 @@ def create_app(
         plans=PlanCache(),
         rng_factory=(lambda: checkin_rng) if checkin_rng is not None else np.random.default_rng,
         round_cache=OpenRoundsCache(settings.checkin_round_cache_seconds),
+        known_tasks=KnownTasks(),
+        published_blobs=PublishedBlobs(),
     )
     # No default /static route: the dashboard serves its own assets with security headers.
     app = Flask(__name__, static_folder=None)

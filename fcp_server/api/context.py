@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from fcp_server.clock import Clock
 from fcp_server.observability import ServerMetrics
 from fcp_server.services.auth import Authenticator
+from fcp_server.services.download_cache import KnownTasks, PublishedBlobs
 from fcp_server.services.plan_cache import PlanCache
 from fcp_server.services.round_cache import OpenRoundsCache
 from fcp_server.settings import ServerSettings
@@ -39,6 +40,9 @@ class ServerContext:
     rng_factory: Callable[[], np.random.Generator]
     # This process's short-lived cache of open rounds for check-in (`round_cache`).
     round_cache: OpenRoundsCache
+    # This process's record of tasks found and of published blobs, for downloads.
+    known_tasks: KnownTasks
+    published_blobs: PublishedBlobs
 
 
 def server() -> ServerContext:
