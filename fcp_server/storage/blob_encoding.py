@@ -4,11 +4,12 @@ Pure functions shared by the backends: the content's SHA-256, gzip with a fixed 
 content gives equal stored bytes, and decompression that stops at the caller's bound.
 """
 
-import gzip as gzip_lib
 import hashlib
 import re
 import zlib
 from typing import Final
+
+from isal import igzip
 
 from fcp_server.storage.blob_errors import BlobCorrupt, BlobTooLarge
 
@@ -16,9 +17,9 @@ from fcp_server.storage.blob_errors import BlobCorrupt, BlobTooLarge
 # mapping of its own (stored without first copying it into a bytes object).
 BlobContent = bytes | memoryview
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
-# Stored blobs are mostly float32 weights, which gzip shrinks by ~7% at any level: level 1
-# gives within 0.3% of level 6's size in about 2/3 of its time (the round close compresses
-# the client checkpoint every round).
+# Stored blobs are mostly float32 weights, which deflate shrinks by ~7% at any level. The
+# round close compresses the client checkpoint every round, so it uses ISA-L's level 1:
+# 6.6 MB of float32 weights in ~16 ms against zlib level 1's ~190 ms here, and ~0.5% smaller.
 _GZIP_LEVEL: Final = 1
 
 
@@ -45,7 +46,7 @@ def encode_content(
         content: BlobContent = data.cast("B")  # counted in bytes; no copy of an upload
     else:
         content = bytes(data)  # no copy for bytes; a mutable buffer is frozen first
-    stored = gzip_lib.compress(content, compresslevel=_GZIP_LEVEL, mtime=0) if gzip else content
+    stored = igzip.compress(content, compresslevel=_GZIP_LEVEL, mtime=0) if gzip else content
     digest = hashlib.sha256(content).hexdigest() if sha256 is None else check_sha256(sha256)
     return stored, digest
 
