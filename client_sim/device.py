@@ -17,6 +17,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from client_sim import data_sources, eligibility
+from client_sim.compute_pool import ComputeJob
 from client_sim.history import ContributionHistory
 from client_sim.knobs import DeviceKnobs
 from client_sim.plan_runtime import ExampleError, PlanError, PlanOutcome
@@ -29,16 +30,6 @@ Result = task_assignments_pb2.ReportResultRequest
 # When the server sends no RetryWindow (or an error happened), retry after this many
 # simulated seconds (FCP client's transient-error retry: 15 min, jitter 0.2).
 TRANSIENT_RETRY = (12 * 60.0, 18 * 60.0)
-
-
-@dataclass(frozen=True)
-class ComputeJob:
-    """Everything a compute worker needs: the plan and ONLY this device's records."""
-
-    device_id: str
-    plan: bytes
-    checkpoint: bytes
-    records: tuple[bytes, ...]
 
 
 # Runs a ComputeJob (in a worker process or inline) and returns the outcome.

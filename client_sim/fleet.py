@@ -21,23 +21,16 @@ import httpx
 import numpy as np
 
 from client_sim import compute_pool, plan_runtime
+from client_sim.compute_pool import ComputeJob, run_compute_job
 from client_sim.data_sources import DeviceData
-from client_sim.device import Compute, ComputeJob, SimulatedDevice
+from client_sim.device import Compute, SimulatedDevice
 from client_sim.knobs import DeviceKnobs, VersionMix
 from client_sim.network import FlakyTransport
 from client_sim.protocol import DeviceApiClient, RetryPolicy
 from client_sim.stats import FleetStats
-from fcp_server.protos import plan_pb2
 
 _LOG = logging.getLogger(__name__)
 MAX_CONCURRENCY = 1024
-
-
-def run_compute_job(job: ComputeJob) -> plan_runtime.PlanOutcome:
-    """Executes one device's plan (the function the compute processes run)."""
-    plan = plan_pb2.ClientOnlyPlan()
-    plan.ParseFromString(job.plan)
-    return plan_runtime.run_plan(plan, job.checkpoint, job.records)
 
 
 @dataclass(frozen=True)
