@@ -118,8 +118,17 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            # A new database: switching to WAL needs an exclusive lock, and SQLite refuses it
+            # at once ("database is locked", no busy wait) while another process is in a write
+            # transaction, e.g. a gunicorn worker migrating it. The writers' queue waits for
+            # that transaction to end. WAL stays set in the file, so this happens once.
+            sqlite_writers.enter_queue(dbapi_connection)
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            finally:
+                sqlite_writers.leave_queue(dbapi_connection)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
