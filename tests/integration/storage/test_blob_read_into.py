@@ -1,13 +1,12 @@
 """BlobStore.get_into (the round close's update reads) against `get`, on every backend."""
 
-import threading
-
 import numpy as np
 import pytest
 
 from fcp_server.storage import blobs
 from fcp_server.storage.blobs import BlobNotFound, BlobTooLarge
 from fcp_server.storage.read_buffers import ReadBuffer, ViewWriter
+from tests.fixtures.blobs import reads_during_rewrites
 
 
 @pytest.fixture(params=["local", pytest.param("gcs", marks=pytest.mark.gcs)])
@@ -49,30 +48,12 @@ def test_reads_into_a_buffer_never_see_a_partial_write(store):
     # described must not spill past the view (the GCS emulator ignores the generation pin).
     versions = [_content(100_000, 3), _content(300_000, 4), _content(20_000, 5)]
     store.put("hot", versions[0])
-    seen: list[bytes] = []
-    errors: list[Exception] = []
-    stop = threading.Event()
-
-    def read() -> None:
-        buffer = ReadBuffer()
-        while not stop.is_set():
-            try:
-                seen.append(bytes(store.get_into("hot", buffer)))
-            except blobs.BlobBackendError as e:
-                assert "changed during each" in str(e)  # a clear refusal, never mixed bytes
-            except Exception as e:
-                errors.append(e)
-                return
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        for i in range(30):
-            store.put("hot", versions[i % 3])
-    finally:
-        stop.set()
-        reader.join()
-    assert errors == []
+    buffer = ReadBuffer()  # the reader's own
+    seen = reads_during_rewrites(
+        lambda: bytes(store.get_into("hot", buffer)),
+        lambda i: store.put("hot", versions[i % 3]),
+        rewrites=30,
+    )
     assert seen and all(s in versions for s in seen)
 
 
