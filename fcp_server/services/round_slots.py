@@ -92,21 +92,24 @@ _INSERT_HISTORY = (
 )
 # Only the unique (round, device) index may skip the insert: NULL keys (anonymous devices)
 # never conflict there, so for them the insert either happens or fails the whole statement.
-_SKIP_HELD = "ON CONFLICT (round_pk, device_key) DO NOTHING RETURNING id"
+_SKIP_HELD = "ON CONFLICT (round_pk, device_key) DO NOTHING"
 _ASSIGNED, _ENTITY = AssignmentStatus.ASSIGNED.name, EntityKind.ASSIGNMENT.name
 # The slot's statements run as driver SQL (`exec_driver_sql`): SQLAlchemy's events, error
 # wrapping and disconnect handling apply as to any statement, but without the compiled-cache
 # lookup and per-statement parameter processing, which cost more than SQLite's own work for
-# these one-row statements. `now` is converted once per check-in by the column type's own
-# bind processor (`_bound_now`), so the rows hold exactly what the ORM writes. Placeholders
-# are written `:name` (sqlite3's named style) and rewritten for psycopg (`%(name)s`).
+# these one-row statements. Where a row count says enough, the statement returns no rows:
+# SQLAlchemy rebuilds a result's column metadata from the cursor on every driver-SQL
+# execution, which cost about a third of a one-row statement's CPU. `now` is converted once
+# per check-in by the column type's own bind processor (`_bound_now`), so the rows hold
+# exactly what the ORM writes. Placeholders are written `:name` (sqlite3's named style) and
+# rewritten for psycopg (`%(name)s`).
 _STAMP = UtcDateTime()
 _STAMP_PROCESSORS: "weakref.WeakKeyDictionary[Dialect, Callable[[Any], Any] | None]" = (
     weakref.WeakKeyDictionary()
 )
 _PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
 # SQLite: three statements inside the BEGIN IMMEDIATE transaction, which already excludes
-# every other writer.
+# every other writer; the assignment's row count says whether the index skipped it.
 _SQLITE_CLAIM = _CLAIM
 _SQLITE_ASSIGNMENT = (
     f"{_INSERT_ASSIGNMENT} VALUES (:id, :round_pk, '{_ASSIGNED}', :version, :now, :now,"
@@ -116,19 +119,37 @@ _SQLITE_HISTORY = f"{_INSERT_HISTORY} VALUES ('{_ENTITY}', :id, NULL, '{_ASSIGNE
 # PostgreSQL: one statement, one round trip, that inserts the rows only if the claim
 # succeeded. The claim locks the round's row (the one row every check-in of the round
 # writes) until the commit, so nothing but this statement and its commit may run meanwhile.
-# The commit does not wait for the WAL flush: an assignment lost in a crash costs nothing but
-# a retry (its report and upload are refused; uploads commit synchronously).
+# The commit does not wait for the WAL flush (`set_config`, local to the transaction): an
+# assignment lost in a crash costs nothing but a retry (its report and upload are refused;
+# uploads commit synchronously).
+_PG_ASSIGNMENT = (
+    f"{_INSERT_ASSIGNMENT} SELECT CAST(:id AS VARCHAR), claim.id, '{_ASSIGNED}',"
+    " CAST(:version AS VARCHAR), :now, :now, CAST(:device_key AS VARCHAR) FROM claim"
+)
+_PG_HISTORY = (
+    f"{_INSERT_HISTORY} SELECT '{_ENTITY}', assignment.id, NULL, '{_ASSIGNED}', :now, ''"
+    " FROM assignment"
+)
+# With a device key the unique (round, device) index may skip the assignment after the
+# claim, so the statement answers both counts and `take_slot` gives a skipped claim back.
 _PG_TAKE_SLOT = _PLACEHOLDER.sub(
     r"%(\1)s",
     f"WITH claim AS ({_CLAIM} RETURNING id),"
-    f" assignment AS ({_INSERT_ASSIGNMENT} SELECT CAST(:id AS VARCHAR), claim.id,"
-    f" '{_ASSIGNED}', CAST(:version AS VARCHAR), :now, :now, CAST(:device_key AS VARCHAR)"
-    f" FROM claim {_SKIP_HELD}),"
-    f" history AS ({_INSERT_HISTORY} SELECT '{_ENTITY}', assignment.id, NULL,"
-    f" '{_ASSIGNED}', :now, '' FROM assignment)"
+    f" assignment AS ({_PG_ASSIGNMENT} {_SKIP_HELD} RETURNING id),"
+    f" history AS ({_PG_HISTORY})"
     " SELECT (SELECT count(*) FROM claim) AS claimed,"
     " (SELECT count(*) FROM assignment) AS inserted,"
     " set_config('synchronous_commit', 'off', true) AS sync",
+)
+# Anonymous (a NULL key never conflicts, and there is no ON CONFLICT to skip a row: any
+# conflict fails the whole statement): each claimed row makes exactly one assignment and one
+# history row, so the history INSERT's row count is the claim's, and no rows are returned.
+# The RETURNING of the claim runs `set_config` for the claimed row, the only case that writes.
+_PG_TAKE_ANONYMOUS_SLOT = _PLACEHOLDER.sub(
+    r"%(\1)s",
+    f"WITH claim AS ({_CLAIM} RETURNING id, set_config('synchronous_commit', 'off', true)),"
+    f" assignment AS ({_PG_ASSIGNMENT} RETURNING id)"
+    f" {_PG_HISTORY}",
 )
 
 
@@ -170,13 +191,15 @@ def take_slot(
         "now": _bound_now(conn.dialect, now),
         "device_key": device_key,
     }
-    if conn.dialect.name == "postgresql":
-        claimed, inserted, _ = conn.exec_driver_sql(_PG_TAKE_SLOT, params).one()
-    else:
+    if conn.dialect.name != "postgresql":
         claimed = conn.exec_driver_sql(_SQLITE_CLAIM, params).rowcount
-        inserted = claimed and len(conn.exec_driver_sql(_SQLITE_ASSIGNMENT, params).all())
+        inserted = claimed and conn.exec_driver_sql(_SQLITE_ASSIGNMENT, params).rowcount
         if inserted:
             conn.exec_driver_sql(_SQLITE_HISTORY, params)
+    elif device_key is None:
+        claimed = inserted = conn.exec_driver_sql(_PG_TAKE_ANONYMOUS_SLOT, params).rowcount
+    else:
+        claimed, inserted, _ = conn.exec_driver_sql(_PG_TAKE_SLOT, params).one()
     if claimed != 1:
         return None
     if inserted != 1:

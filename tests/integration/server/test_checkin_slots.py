@@ -7,6 +7,7 @@ check-in won the race), neither row may be written and the count must not move.
 
 import datetime as dt
 
+import pytest
 from sqlalchemy import func, select
 
 from fcp_server.services import round_slots
@@ -72,3 +73,50 @@ def test_a_taken_slot_writes_its_times_as_the_orm_does(api, ctx):
             )
             == 1
         )
+
+
+@pytest.mark.parametrize("device_key", [None, "d" * 64])
+def test_a_taken_slot_commits_without_waiting_for_the_wal_flush_on_postgres(
+    api, ctx, clock, device_key
+):
+    # The slot statement switches its own transaction to asynchronous commit; the anonymous
+    # statement does so from the claim's RETURNING, which runs only for a claimed row.
+    if ctx.database.engine.dialect.name != "postgresql":
+        pytest.skip("synchronous_commit is PostgreSQL's")
+    api.open_training(testkit.training_task(report_goal=2, max_size=2))
+    with ctx.database.sessions() as session:
+        round_pk = session.scalars(select(Round.id)).one()
+    with ctx.database.engine.begin() as conn:
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+        assert round_slots.take_slot(conn, round_pk, "100", device_key, clock.now()) is not None
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+    with ctx.database.engine.connect() as conn:  # local to that transaction only
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+
+
+@pytest.mark.parametrize("device_key", [None, "d" * 64])
+def test_each_taken_slot_writes_one_assignment_one_history_row_and_one_count(
+    api, ctx, clock, device_key
+):
+    # The anonymous statement on PostgreSQL reads the claim from the history INSERT's row
+    # count: every claim must leave exactly its two rows, and a full round none.
+    api.open_training(testkit.training_task(report_goal=3, max_size=3))
+    with ctx.database.sessions() as session:
+        round_pk = session.scalars(select(Round.id)).one()
+    taken = []
+    for i in range(4):
+        key = None if device_key is None else f"{device_key[:-1]}{i}"
+        with ctx.database.engine.begin() as conn:
+            taken.append(round_slots.take_slot(conn, round_pk, "100", key, clock.now()))
+    assert taken[3] is None and all(taken[:3])
+    with ctx.database.sessions() as session:
+        ids = set(session.scalars(select(Assignment.id)))
+        history = list(
+            session.scalars(
+                select(StatusChange.entity_id).where(StatusChange.entity == EntityKind.ASSIGNMENT)
+            )
+        )
+        active = session.scalar(select(Round.active_count))
+    assert ids == set(taken[:3])
+    assert sorted(history) == sorted(ids)
+    assert active == 3
