@@ -7,6 +7,7 @@ processes on any host) can run the same loop at once without locks: whoever wins
 the work, the others skip it.
 """
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -15,9 +16,11 @@ from collections.abc import Callable
 
 from fcp_server.services import maintenance, rate_limits, round_close
 from fcp_server.services.accounting_prefetch import AccountingPrefetch
-from fcp_server.storage import availability
+from fcp_server.storage import availability, round_doorbell
 
 _LOG = logging.getLogger(__name__)
+# Longest a doorbell wait goes without looking at the stop flag, seconds.
+STOP_CHECK_SECONDS = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Worker:
         self._pruned_window: int | None = None
         # The loop's look-ahead: epsilon of the rounds still collecting, before they close.
         self.accounting = AccountingPrefetch()
+        # Rung by the upload that completes a round's goal; set while `run` runs.
+        self._doorbell: round_doorbell.Listener | None = None
 
     def tick(self) -> TickReport:
         """One pass over every background duty; each step in its own transaction."""
@@ -95,22 +100,53 @@ class Worker:
         collecting to `accounting` (`AccountingPrefetch`), so their epsilon is known by the
         time they close.
 
-        With `worker_close_poll_seconds` set, it also looks for rounds waiting to close every
-        that many seconds between two ticks, so a round that reached its goal is aggregated
-        without waiting for the next full tick. A failing step is logged and retried later:
-        this is the top-level handler of the background loop.
+        Between two ticks it looks for rounds waiting to close whenever the upload that
+        completes a round's goal rings the doorbell (`round_doorbell`), and, with
+        `worker_close_poll_seconds` set, also every that many seconds, so a round that reached
+        its goal is aggregated without waiting for the next full tick. A failing step is
+        logged and retried later: this is the top-level handler of the background loop.
         """
         settings = self._deps.settings
         interval, poll = settings.worker_interval_seconds, settings.worker_close_poll_seconds
-        while not stop.is_set():
-            self._guarded(self.tick)
-            self._guarded(self._look_ahead)
-            next_tick = time.monotonic() + interval
-            while poll > 0 and next_tick - time.monotonic() > poll:
-                if stop.wait(poll):
-                    return
-                self._guarded(self._close_and_look_ahead)
-            stop.wait(max(0.0, next_tick - time.monotonic()))
+        self._doorbell = self._listen()
+        try:
+            while not stop.is_set():
+                self._guarded(self.tick)
+                self._guarded(self._look_ahead)
+                next_tick = time.monotonic() + interval
+                while (left := next_tick - time.monotonic()) > 0:
+                    polling = 0 < poll < left
+                    rung = self._wait(stop, poll if polling else left)
+                    if stop.is_set():
+                        return
+                    if rung or polling:
+                        self._guarded(self._close_and_look_ahead)
+        finally:
+            if self._doorbell is not None:
+                self._doorbell.close()
+                self._doorbell = None
+
+    def _listen(self) -> round_doorbell.Listener | None:
+        return round_doorbell.listen(self._deps.settings.database_url)
+
+    def _wait(self, stop: threading.Event, seconds: float) -> bool:
+        """Waits until the doorbell rings (True), `stop` is set or `seconds` passed."""
+        deadline = time.monotonic() + seconds
+        while self._doorbell is not None and not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                # In slices, so that a set `stop` ends the wait soon.
+                if self._doorbell.wait(min(left, STOP_CHECK_SECONDS)):
+                    return True
+            except Exception:  # a broken listener: back to ticks and polls alone
+                _LOG.exception("round doorbell failed; closing rounds on ticks and polls")
+                with contextlib.suppress(Exception):
+                    self._doorbell.close()
+                self._doorbell = None
+        stop.wait(max(0.0, deadline - time.monotonic()))
+        return False
 
     def _look_ahead(self) -> None:
         self.accounting.look_ahead(self._deps)

@@ -9,8 +9,8 @@ at {pop}/{task}/{round}/d/{assignment}/gradient (the body is hashed once: the sa
 into the blob header and the assignment row), then in one transaction moves the assignment
 LOCAL_COMPLETED -> UPLOAD_COMPLETED and increments the round's `reported_count` only while it
 is below report_goal; the upload that reaches the goal moves the round COLLECTING ->
-AGGREGATING. A rejected upload changes nothing; a retried identical upload is acknowledged
-without being counted twice.
+AGGREGATING and rings the workers' doorbell (`round_doorbell`). A rejected upload changes
+nothing; a retried identical upload is acknowledged without being counted twice.
 
 This use case spans several short transactions around blob I/O, so it takes the `Database`.
 """
@@ -27,7 +27,7 @@ from fcp_server import checkpoints, errors, fault_points
 from fcp_server.protos import plan_pb2
 from fcp_server.services import blob_paths, compression, reports
 from fcp_server.services.plan_cache import PlanCache
-from fcp_server.storage import transitions
+from fcp_server.storage import round_doorbell, transitions
 from fcp_server.storage.blobs import BlobStore
 from fcp_server.storage.db import Database
 from fcp_server.storage.models import (
@@ -178,6 +178,8 @@ def _commit(
         now=now,
         reason=f"report goal {goal} reached",
     )
+    if closed:
+        round_doorbell.ring_in_transaction(session.connection())
     return UploadResult(counted=True, closed_round=closed)
 
 
@@ -235,4 +237,6 @@ def accept_upload(
         raise
     if result.counted:
         fault_points.hit("upload.after_commit")
+    if result.closed_round:
+        round_doorbell.ring_after_commit(database.engine.url)
     return result
