@@ -80,34 +80,41 @@ def _serve(name: str, settled: bool) -> Response:
     return Response(data, status=200, headers=headers, content_type="application/octet-stream")
 
 
-def _check(pop: str, task_id: int) -> bool:
+def _check(pop: str, task_id: int) -> tuple[bool, str | None]:
     """The population name is valid and the task exists: no blob is probed for anything else.
 
-    Returns whether the task is past CREATED (its blobs no longer change). A task this process
+    Returns whether the task is past CREATED (its blobs no longer change) and, while it is
+    CREATED, the SHA-256 of its latest client plan upload (None if none). A task this process
     has found past CREATED is not looked up again (`download_cache`: tasks are never deleted);
     any other is, on every request.
     """
     tasks.check_population(pop)
     known = server().known_tasks
     if (pop, task_id) in known:
-        return True
+        return True, None
     session = db_session()
     with session.begin():
-        settled = tasks.get_task(session, pop, task_id).status != TaskStatus.CREATED
+        task = tasks.get_task(session, pop, task_id)
+        settled, plan_sha256 = task.status != TaskStatus.CREATED, task.client_plan_sha256
     if settled:
         known.add(pop, task_id)
-    return settled
+        return True, None
+    return False, plan_sha256
 
 
 @blueprint.get("/population/<pop>/task/<int:task_id>/client_only_plan")
 def client_only_plan(pop: str, task_id: int) -> Response:
     """The task's serialized fcp.ClientOnlyPlan."""
-    settled = _check(pop, task_id)
+    settled, uploaded = _check(pop, task_id)
+    if uploaded is not None:  # CREATED: the latest upload, published only when the task opens
+        return _serve(
+            blob_paths.uploaded_artifact_blob(pop, task_id, "client_only_plan", uploaded), False
+        )
     return _serve(blob_paths.artifact_blob(pop, task_id, "client_only_plan"), settled)
 
 
 @blueprint.get("/population/<pop>/task/<int:task_id>/aggregation/<int:result_id>/client_checkpoint")
 def client_checkpoint(pop: str, task_id: int, result_id: int) -> Response:
     """The weights devices start from (safetensors)."""
-    settled = _check(pop, task_id)
+    settled, _ = _check(pop, task_id)
     return _serve(blob_paths.client_checkpoint_blob(pop, task_id, result_id), settled)

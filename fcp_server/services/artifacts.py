@@ -5,18 +5,29 @@ step 6): the serialized fcp.ClientOnlyPlan, the fcp.ServerPlan and (training onl
 server checkpoint in safetensors. Each is parsed when it arrives; because the builder uploads
 the checkpoint before the server plan (ODP order), the cross-checks between them (checkpoint
 vs the plan's ModelSpec, client vs server plan) run again when the task is opened.
+
+An open task's artifacts never change: devices and the download caches hold them. So an
+upload stores its bytes under a name of their own (`blob_paths.uploaded_artifact_blob`, by
+SHA-256) and records the digest in the task row with a compare-and-swap on CREATED; the open
+reads the artifacts the row names, checks their digests, moves CREATED -> OPEN only if the
+digests are still the ones it validated, and then publishes those bytes at the reference
+names devices download (`publish`). A losing or failed upload thus never touches a
+published blob, on any number of processes and hosts.
 """
 
 import dataclasses
 import hashlib
+from typing import Any
 
 from google.protobuf.message import DecodeError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from fcp_server import checkpoints, errors
 from fcp_server.aggregation import RoundAccumulator, ServerState
 from fcp_server.protos import plan_pb2, task_builder_pb2
 from fcp_server.services import blob_paths, dp_budget, tasks
+from fcp_server.storage import transitions
 from fcp_server.storage.blobs import BlobNotFound, BlobStore
 from fcp_server.storage.models import Task, TaskKind, TaskStatus
 
@@ -42,6 +53,8 @@ class OpenArtifacts:
     server_plan: plan_pb2.ServerPlan
     client_plan: plan_pb2.ClientOnlyPlan
     initial_state: ServerState | None
+    # Artifact kind -> the validated bytes, to publish once the task is OPEN.
+    contents: dict[str, bytes]
 
 
 def required_kinds(task: Task) -> tuple[str, ...]:
@@ -150,9 +163,18 @@ def put_artifact(
         parse_client_plan(data, task)
     else:
         _check_checkpoint(blobs, task, data, max_bytes)
+    digest = hashlib.sha256(data).hexdigest()
+    column = _SHA_COLUMN[kind]
+    # The status read above may be stale: the digest is set only while the task is CREATED.
+    if not transitions.update_task_while(session, task.id, TaskStatus.CREATED, **{column: digest}):
+        raise errors.Conflict(
+            f"task {pop}/{task_id} left CREATED meanwhile; its artifacts can no longer change"
+        )
+    set_committed_value(task, column, digest)
+    # A name of its own: if this transaction then fails, nothing the row names has changed.
     # Stored gzip-compressed, as ODP rewrites artifacts, so downloads serve them as they are.
-    blobs.put(blob_paths.artifact_blob(pop, task_id, kind), data, gzip=True)
-    setattr(task, _SHA_COLUMN[kind], hashlib.sha256(data).hexdigest())
+    name = blob_paths.uploaded_artifact_blob(pop, task_id, kind, digest)
+    blobs.put(name, data, gzip=True, sha256=digest)
 
 
 def _check_checkpoint(blobs: BlobStore, task: Task, data: bytes, max_bytes: int) -> None:
@@ -166,17 +188,37 @@ def _check_checkpoint(blobs: BlobStore, task: Task, data: bytes, max_bytes: int)
         raise errors.BadRequest(f"checkpoint is not a valid safetensors file: {e}") from e
 
 
-def _read(blobs: BlobStore, name: str, max_bytes: int) -> bytes:
-    try:
-        return blobs.get(name, max_bytes=max_bytes)
-    except BlobNotFound as e:
-        raise errors.Conflict(f"artifact {name} is missing from the blob store") from e
+def read_artifact(blobs: BlobStore, task: Task, kind: str, max_bytes: int) -> bytes:
+    """The bytes of the artifact the task row names (by its recorded SHA-256).
+
+    Raises:
+        Conflict: The artifact is not recorded, missing or not the recorded bytes.
+    """
+    digest = getattr(task, _SHA_COLUMN[kind])
+    pop, tid = task.population_name, task.task_id
+    if digest is None:
+        raise errors.Conflict(f"task {pop}/{tid} has no {kind} yet")
+    names = (
+        blob_paths.uploaded_artifact_blob(pop, tid, kind, digest),
+        # Uploaded before artifacts had names of their own, or only published.
+        blob_paths.artifact_blob(pop, tid, kind),
+    )
+    for name in names:
+        try:
+            data = blobs.get(name, max_bytes=max_bytes)
+        except BlobNotFound:
+            continue
+        if hashlib.sha256(data).hexdigest() == digest:
+            return data
+    raise errors.Conflict(
+        f"task {pop}/{tid}'s {kind} is missing from the blob store or differs from the "
+        "recorded upload; upload it again"
+    )
 
 
 def load_server_plan(blobs: BlobStore, task: Task, max_bytes: int) -> plan_pb2.ServerPlan:
     """Reads and parses a task's server plan."""
-    name = blob_paths.artifact_blob(task.population_name, task.task_id, "server_phase")
-    return parse_server_plan(_read(blobs, name, max_bytes), task)
+    return parse_server_plan(read_artifact(blobs, task, "server_phase", max_bytes), task)
 
 
 def validate_for_open(blobs: BlobStore, task: Task, max_bytes: int) -> OpenArtifacts:
@@ -191,11 +233,9 @@ def validate_for_open(blobs: BlobStore, task: Task, max_bytes: int) -> OpenArtif
         raise errors.Conflict(
             f"task {task.population_name}/{task.task_id} cannot open: missing {missing}"
         )
-    pop, tid = task.population_name, task.task_id
-    server_plan = load_server_plan(blobs, task, max_bytes)
-    client_plan = parse_client_plan(
-        _read(blobs, blob_paths.artifact_blob(pop, tid, "client_only_plan"), max_bytes), task
-    )
+    contents = {kind: read_artifact(blobs, task, kind, max_bytes) for kind in required_kinds(task)}
+    server_plan = parse_server_plan(contents["server_phase"], task)
+    client_plan = parse_client_plan(contents["client_only_plan"], task)
     if client_plan.HasField("model") and client_plan.model != server_plan.model:
         raise errors.BadRequest("client_only_plan.model differs from server_phase.model")
     if task.kind == TaskKind.TRAINING and _algorithm(client_plan) != _algorithm(server_plan):
@@ -205,9 +245,26 @@ def validate_for_open(blobs: BlobStore, task: Task, max_bytes: int) -> OpenArtif
         )
     state = None
     if task.kind == TaskKind.TRAINING:
-        data = _read(blobs, blob_paths.artifact_blob(pop, tid, "checkpoint"), max_bytes)
-        state = parse_initial_checkpoint(data, server_plan, max_bytes)
-    return OpenArtifacts(server_plan=server_plan, client_plan=client_plan, initial_state=state)
+        state = parse_initial_checkpoint(contents["checkpoint"], server_plan, max_bytes)
+    return OpenArtifacts(
+        server_plan=server_plan, client_plan=client_plan, initial_state=state, contents=contents
+    )
+
+
+def unchanged_digests(task: Task) -> tuple[Any, ...]:
+    """Conditions that the task row still records the artifact digests read from `task`."""
+    return tuple(getattr(Task, column) == getattr(task, column) for column in _SHA_COLUMN.values())
+
+
+def publish(blobs: BlobStore, task: Task, opened: OpenArtifacts) -> None:
+    """Writes the validated artifacts at the names devices download (the task is now OPEN).
+
+    Only an open whose compare-and-swap moved the task writes them, before its commit; if
+    that commit fails the task stays CREATED and the next winning open rewrites them.
+    """
+    for kind, data in opened.contents.items():
+        name = blob_paths.artifact_blob(task.population_name, task.task_id, kind)
+        blobs.put(name, data, gzip=True, sha256=getattr(task, _SHA_COLUMN[kind]))
 
 
 def _algorithm(plan: plan_pb2.ServerPlan | plan_pb2.ClientOnlyPlan) -> int:

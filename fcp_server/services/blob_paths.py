@@ -5,6 +5,7 @@ Blob names follow the ODP `GCSBlobManager` layout (odp-federated-compute.md sect
 
     {pop}/{task}/0/s/0/client_only_plan     device plan (fcp.ClientOnlyPlan)
     {pop}/{task}/0/s/0/server_phase         server plan (fcp.ServerPlan)
+    {pop}/{task}/0/s/0/uploads/{kind}/{sha} an uploaded artifact, by content (`artifacts`)
     {pop}/{task}/N/s/0/checkpoint           server state after round N (0 = initial)
     {pop}/{task}/N/d/0/client_checkpoint    weights devices download for round N+1
     {pop}/{task}/N/s/0/metrics              flat JSON metrics of round N
@@ -46,6 +47,14 @@ def is_valid_assignment_id(assignment_id: str) -> bool:
 def artifact_blob(pop: str, task_id: int, kind: str) -> str:
     """Blob of a builder artifact (`client_only_plan`, `server_phase` or `checkpoint`)."""
     return f"{pop}/{task_id}/0/s/0/{ARTIFACT_KINDS[kind]}"
+
+
+def uploaded_artifact_blob(pop: str, task_id: int, kind: str, sha256: str) -> str:
+    """Where an upload stores an artifact, named by its SHA-256 (never rewritten otherwise).
+
+    The open publishes the bytes it validated at `artifact_blob`.
+    """
+    return f"{pop}/{task_id}/0/s/0/uploads/{ARTIFACT_KINDS[kind]}/{sha256}"
 
 
 def server_checkpoint_blob(pop: str, task_id: int, result_id: int) -> str:

@@ -7,11 +7,12 @@ Both answers are fixed once a task has left CREATED:
 - Tasks are never deleted, only moved to an ended status (CANCELED, COMPLETED, FAILED), and
   downloads serve a task's artifacts whatever its status. So once a process has found a task
   in the database, later downloads of it need no SELECT (`KnownTasks`).
-- A task's plan can only be (re)uploaded while it is CREATED (`artifacts.put_artifact`); its
-  round-0 client checkpoint is written when it opens, and each later one once by the round
-  close, a repeated close rewriting the same bytes (`round_outputs`), or by the eval round
-  start that claimed the iteration. So the blobs a download serves for a task past CREATED
-  never change once a device can be assigned to them (the module docstring of
+- A task's plan is written at the name downloads serve only by the open that moved the task
+  out of CREATED, before that open commits (uploads store theirs under names of their own:
+  `artifacts`); its round-0 client checkpoint is written when it opens, and each later one
+  once by the round close, a repeated close rewriting the same bytes (`round_outputs`), or by
+  the eval round start that claimed the iteration. So the blobs a download serves for a task
+  past CREATED never change once a device can be assigned to them (the module docstring of
   `api.downloads` tells clients the same, which may cache them for an hour), and their ETag,
   encoding and, for small ones, stored bytes can be kept (`PublishedBlobs`). Only a caller
   guessing a URL before its round exists could fetch a blob whose writer's transaction then

@@ -49,17 +49,22 @@ def open_task(
         assert training is not None  # foreign key
         artifacts.check_eval_model(blobs, opened.server_plan, training, settings.max_artifact_bytes)
     deadline = opened.server_plan.round_deadline_seconds or settings.round_deadline_seconds
+    # Only if no upload replaced an artifact since they were read and validated above.
     if not transitions.move_task(
         session,
         task.id,
         TaskStatus.CREATED,
         TaskStatus.OPEN,
         now=now,
+        unless_changed=artifacts.unchanged_digests(task),
         started_at=now,
         round_deadline_seconds=deadline,
     ):
-        raise errors.Conflict(f"task {pop}/{task_id} changed state concurrently")
+        raise errors.Conflict(
+            f"task {pop}/{task_id} or its artifacts changed concurrently; retry the open"
+        )
     session.refresh(task)
+    artifacts.publish(blobs, task, opened)
     if opened.initial_state is not None:
         data = checkpoints.encode_client_checkpoint(opened.initial_state.weights)
         blobs.put(blob_paths.client_checkpoint_blob(pop, task_id, 0), data, gzip=True)

@@ -98,12 +98,35 @@ def move_task(
     *,
     now: dt.datetime,
     reason: str = "",
+    unless_changed: tuple[Any, ...] = (),
     **values: Any,
 ) -> bool:
-    """CAS a task's status; True if this caller made the change."""
+    """CAS a task's status; True if this caller made the change.
+
+    `unless_changed`: further conditions of the UPDATE (e.g. the artifact digests an open
+    validated), so the change fails when another transaction moved them meanwhile.
+    """
     return _cas(
-        session, Task, task_pk, from_status, to_status, now=now, reason=reason, values=values
+        session,
+        Task,
+        task_pk,
+        from_status,
+        to_status,
+        now=now,
+        reason=reason,
+        values=values,
+        conditions=unless_changed,
     )
+
+
+def update_task_while(session: Session, task_pk: int, status: TaskStatus, **values: Any) -> bool:
+    """Sets columns of a task only while it has `status` (no status change); True if it had.
+
+    The compare-and-swap for changes allowed in one status only, such as an artifact digest
+    while the task is CREATED: a check on an earlier SELECT could be overtaken by a transition.
+    """
+    stmt = update(Task).where(Task.id == task_pk, Task.status == status).values(**values)
+    return _rowcount(session, stmt) == 1
 
 
 def move_round(

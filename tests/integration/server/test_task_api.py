@@ -1,5 +1,6 @@
 """Task-management API: the contract the task builder relies on."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -10,6 +11,10 @@ from fcp_server.protos import plan_pb2, task_pb2
 from fcp_server.services import blob_paths
 from tests.integration.server import testkit
 from tests.integration.server.testkit import POP, Api
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _error(resp):
@@ -128,6 +133,13 @@ def test_artifacts_are_validated_and_stored_at_reference_paths(api, blobs):
         task, testkit.server_plan(), testkit.client_plan(), testkit.initial_checkpoint()
     )
 
+    # Stored by content while CREATED; published at the reference paths when the task opens.
+    plan = testkit.server_plan().SerializeToString()
+    uploaded = blob_paths.uploaded_artifact_blob(POP, 1, "server_phase", _sha(plan))
+    assert blobs.get(uploaded) == plan
+    for kind in ("client_only_plan", "server_phase", "checkpoint"):
+        assert not blobs.exists(f"{POP}/1/0/s/0/{kind}")
+    assert api.task_call(POP, 1, "open").status_code == 200
     for kind in ("client_only_plan", "server_phase", "checkpoint"):
         assert blobs.exists(f"{POP}/1/0/s/0/{kind}")
     stored = plan_pb2.ServerPlan.FromString(blobs.get(f"{POP}/1/0/s/0/server_phase"))
