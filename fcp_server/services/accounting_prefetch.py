@@ -46,7 +46,7 @@ class AccountingPrefetch:
         Returns:
             How many rounds were queued.
         """
-        with deps.database.sessions() as session:
+        with deps.database.reads() as session:
             rows = session.execute(
                 select(Task, Round.iteration_id)
                 .join(Round, Round.task_pk == Task.id)

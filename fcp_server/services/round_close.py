@@ -122,7 +122,7 @@ def _update_ids(deps: Deps, rnd: Round) -> list[str]:
     this way the aggregate is a function of the set of updates alone, not of the order they
     arrived in or of their random assignment ids (equal digests are equal bytes).
     """
-    with deps.database.sessions() as session:
+    with deps.database.reads() as session:
         rows = session.execute(
             select(Assignment.id, Assignment.upload_sha256)
             .where(
@@ -206,7 +206,7 @@ def _evaluate(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> 
 
 
 def _still_claimed(deps: Deps, round_pk: int, claim: int) -> bool:
-    with deps.database.sessions() as session:
+    with deps.database.reads() as session:
         row = session.execute(
             select(Round.status, Round.apply_attempts).where(Round.id == round_pk)
         ).one()
@@ -341,7 +341,7 @@ def _finish(deps: Deps, rnd: Round, task: Task, claim: int) -> bool:
 
 def aggregating_rounds(deps: Deps, limit: int = 10) -> list[int]:
     """Ids of rounds waiting for aggregation, oldest first."""
-    with deps.database.sessions() as session:
+    with deps.database.reads() as session:
         return list(
             session.scalars(
                 select(Round.id)

@@ -213,7 +213,7 @@ def accept_upload(
         Conflict: Not in a state to upload, round closed or full, different bytes replayed.
         InvalidUpload / PayloadTooLarge / UnsupportedMediaType: The body is rejected.
     """
-    with database.sessions() as session, session.begin():
+    with database.reads() as session, session.begin():
         target = _prepare(session, *ids, device_key)
     data = decode_body(body, content_encoding, max_bytes)
     digest = hashlib.sha256(data).hexdigest()

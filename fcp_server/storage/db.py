@@ -4,7 +4,10 @@ SQLite (the embedded default) is opened in WAL mode with a busy timeout and fore
 and every transaction starts with `BEGIN IMMEDIATE`: SQLite cannot upgrade a read lock to a
 write lock under contention (it fails with "database is locked" instead of waiting), so writers
 take the lock up front and simply queue, first on a lock file of this server's writers
-(`sqlite_writers`), which hands the lock on without the busy handler's sleeps. PostgreSQL
+(`sqlite_writers`), which hands the lock on without the busy handler's sleeps. Transactions
+that only read take `Database.reads` instead: on SQLite a second pool whose connections are
+`query_only` and begin a plain (deferred) `BEGIN`, outside the writers' queue, since in WAL mode
+a reader sees the last commit and neither waits for writers nor holds them up. PostgreSQL
 (`postgresql+psycopg://`) runs at READ COMMITTED; correctness there comes from the conditional
 UPDATEs in `transitions`. A pooled PostgreSQL connection is tested with a `SELECT 1` before use
 only when it sat idle for `PG_PING_IDLE_SECONDS` (the pessimistic disconnect handling of
@@ -46,17 +49,30 @@ class Database:
 
     engine: Engine
     sessions: sessionmaker[Session]
+    # Sessions for transactions that only read (see the module docstring); on SQLite bound
+    # to `read_engine`, which refuses writes. None: `sessions` serve reads too.
+    read_engine: Engine | None = None
+    read_sessions: sessionmaker[Session] | None = None
+
+    @property
+    def reads(self) -> sessionmaker[Session]:
+        """The session factory of read-only transactions."""
+        return self.read_sessions or self.sessions
 
     def dispose(self) -> None:
         """Closes every pooled connection."""
         self.engine.dispose()
+        if self.read_engine is not None:
+            self.read_engine.dispose()
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
     """Creates an engine for a sqlite:// or postgresql(+psycopg):// URL.
 
     Args:
         url: SQLAlchemy database URL.
+        read_only: SQLite only: connections refuse writes (`PRAGMA query_only`) and their
+            transactions begin deferred, outside the writers' queue.
         **kwargs: Extra `create_engine` arguments (e.g. `poolclass`).
 
     Returns:
@@ -90,10 +106,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             )
     engine = create_engine(parsed, **kwargs)
     if backend == "sqlite":
-        _configure_sqlite(engine)
+        (_configure_sqlite_reader if read_only else _configure_sqlite)(engine)
     elif not kwargs.get("pool_pre_ping"):  # a caller's pre-ping on every checkout wins
         _ping_idle_connections(engine, PG_PING_IDLE_SECONDS)
-    if fault_points.armed():  # crash tests only: a kill point just before every COMMIT
+    if fault_points.armed() and not read_only:  # crash tests: a kill point before every COMMIT
         event.listen(engine, "commit", lambda _conn: fault_points.hit("db.commit"))
     return engine
 
@@ -144,10 +160,30 @@ def _configure_sqlite(engine: Engine) -> None:
             raise
 
 
+def _configure_sqlite_reader(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # A write through a reader is a bug: it fails at once instead of racing the writers.
+        cursor.execute("PRAGMA query_only=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+
 def connect(url: str, **kwargs: Any) -> Database:
-    """Opens a database: the engine plus a session factory with `expire_on_commit=False`."""
+    """Opens a database: the engine plus session factories with `expire_on_commit=False`."""
     engine = make_engine(url, **kwargs)
-    return Database(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
+    database = Database(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
+    if engine.dialect.name != "sqlite":
+        return database
+    reader = make_engine(url, read_only=True, **kwargs)
+    return dataclasses.replace(
+        database, read_engine=reader, read_sessions=sessionmaker(reader, expire_on_commit=False)
+    )
 
 
 def is_reachable(database: Database) -> bool:
