@@ -89,7 +89,8 @@ def maybe_start_eval_round(
         return None
     iteration = task.completed_iterations + 1
     # Claim the iteration before writing its checkpoint, so of two processes racing here only
-    # one writes {pop}/{eval task}/{N}/d/0/client_checkpoint (the other sees False).
+    # one writes {pop}/{eval task}/{N}/d/0/client_checkpoint (the other sees False); the claim
+    # also requires the task still OPEN, as the status read above may be stale.
     if not transitions.claim_iteration(session, task.id, iteration):
         return None
     blobs.put(

@@ -209,13 +209,18 @@ def count_report(session: Session, round_pk: int) -> bool:
 
 
 def claim_iteration(session: Session, task_pk: int, iteration_id: int) -> bool:
-    """Moves a task's current iteration up to `iteration_id`; False if it already got there.
+    """Moves an OPEN task's current iteration up to `iteration_id`; False if not OPEN or there.
 
-    The compare-and-swap that lets exactly one process start an eval task's next round.
+    The compare-and-swap that lets exactly one process start an eval task's next round, and
+    none once the task ended (a cancel committed after the caller read it as OPEN).
     """
     stmt = (
         update(Task)
-        .where(Task.id == task_pk, Task.current_iteration < iteration_id)
+        .where(
+            Task.id == task_pk,
+            Task.status == TaskStatus.OPEN,
+            Task.current_iteration < iteration_id,
+        )
         .values(current_iteration=iteration_id)
     )
     return _rowcount(session, stmt) == 1
