@@ -273,20 +273,31 @@ def cancel_task(
     else:
         raise errors.Conflict(f"task {pop}/{task_id} is {task.status.value}, not active")
     rounds = session.scalars(
-        select(Round).where(Round.task_pk == task.id, Round.status.in_(ACTIVE_ROUND_STATUSES))
+        select(Round.id).where(Round.task_pk == task.id, Round.status.in_(ACTIVE_ROUND_STATUSES))
     )
-    for rnd in rounds:
-        transitions.move_round(
+    for round_pk in rounds.all():
+        _cancel_round(session, round_pk, now)
+    session.refresh(task)
+    return task
+
+
+def _cancel_round(session: Session, round_pk: int, now: dt.datetime) -> None:
+    # A round read as active may move on before its CAS (the upload filling its goal, a
+    # worker's claim): retry from its current status until canceled or no longer active.
+    while True:
+        status = session.scalar(select(Round.status).where(Round.id == round_pk))
+        if status not in ACTIVE_ROUND_STATUSES:
+            return
+        if transitions.move_round(
             session,
-            rnd.id,
-            rnd.status,
+            round_pk,
+            status,
             RoundStatus.CANCELED,
             now=now,
             reason="task canceled",
             status_reason="task canceled",
-        )
-    session.refresh(task)
-    return task
+        ):
+            return
 
 
 def task_proto(task: Task) -> task_pb2.Task:
