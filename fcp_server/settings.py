@@ -46,7 +46,9 @@ class ServerSettings:
     # Seconds between worker ticks.
     worker_interval_seconds: float = 1.0
     # Seconds between the worker's checks for rounds waiting to close, between two ticks
-    # (one indexed query each); 0 = rounds are closed by the ticks only (the default).
+    # (one indexed query each); 0 = off (the default): rounds are closed when the upload
+    # completing their goal rings the worker's doorbell (`storage.round_doorbell`), or at the
+    # next tick should the ring be lost.
     worker_close_poll_seconds: float = 0.0
     # ASSIGNED longer than this becomes LOCAL_TIMEOUT (ODP: 15 min).
     local_compute_timeout_seconds: int = 900
