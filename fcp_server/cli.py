@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from fcp_server import errors, observability, worker
 from fcp_server.aggregation import make_noise_rng
 from fcp_server.clock import SystemClock
-from fcp_server.services import auth, tasks
+from fcp_server.services import auth, task_cancel, tasks
 from fcp_server.services.plan_cache import PlanCache
 from fcp_server.services.round_close import Deps
 from fcp_server.settings import ServerSettings
@@ -107,7 +107,7 @@ def _tasks(settings: ServerSettings, args: argparse.Namespace) -> int:
         if args.tasks_command == "show":
             row = tasks.get_task(session, args.population, args.task_id)
         else:
-            row = tasks.cancel_task(
+            row = task_cancel.cancel_task(
                 session=session, pop=args.population, task_id=args.task_id, now=SystemClock().now()
             )
         print(json_format.MessageToJson(tasks.task_proto(row)))

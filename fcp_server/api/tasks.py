@@ -13,7 +13,7 @@ from fcp_server import errors
 from fcp_server.api import bodies, wire
 from fcp_server.api.context import db_session, server
 from fcp_server.protos import task_pb2
-from fcp_server.services import artifacts, auth, blob_paths, task_open, tasks
+from fcp_server.services import artifacts, auth, blob_paths, task_cancel, task_open, tasks
 
 blueprint = Blueprint("tasks", __name__, url_prefix="/taskmanagement/v1")
 
@@ -96,7 +96,7 @@ def cancel_task(pop: str, task_id: int) -> Response:
     """Any active status -> CANCELED (the builder's rollback of a failed build)."""
     ctx, session = server(), db_session()
     with session.begin():
-        tasks.cancel_task(session=session, pop=pop, task_id=task_id, now=ctx.clock.now())
+        task_cancel.cancel_task(session=session, pop=pop, task_id=task_id, now=ctx.clock.now())
     return _task_response(pop, task_id)
 
 

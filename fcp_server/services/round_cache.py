@@ -11,7 +11,7 @@ Why a stale entry cannot give a device a wrong answer (see `checkin.check_in`):
   (`round_slots.take_slot`) succeeds, and its conditional UPDATE checks the current row: the
   round is COLLECTING and has room. So the cache can never over-assign, nor assign to a round
   that closed or filled meanwhile. A task leaves OPEN only together with its rounds: cancelling
-  moves its active rounds out of COLLECTING in the same transaction (`tasks.cancel_task`), and
+  moves its active rounds out of COLLECTING in the same transaction (`task_cancel.cancel_task`), and
   a task completes or fails only after its round did (`rounds`), so the round's status covers
   the task's too.
 - The other fields check-in uses (client versions, traffic weight, plan and checkpoint digests,

@@ -1,10 +1,11 @@
-"""Task management use cases: create (training + linked eval), get, list and cancel tasks.
+"""Task management use cases: create (training + linked eval), get and list tasks.
 
 Implements the ODP TaskManagement service contract (odp-federated-compute.md section 2.4) and
 fixes its gaps: inputs are validated, the eval task of a TRAINING_AND_EVAL build is created
 in the same transaction and linked to the new training task, there is a cancel call the
-builder uses to roll back a failed build, and "one active training and one active eval task
-per population" is backed by a unique partial index so concurrent creates cannot both win.
+builder uses to roll back a failed build (`task_cancel`), and "one active training and one
+active eval task per population" is backed by a unique partial index so concurrent creates
+cannot both win.
 """
 
 import datetime as dt
@@ -20,12 +21,9 @@ from fcp_server.protos import task_pb2
 from fcp_server.services import blob_paths, eval_selection
 from fcp_server.storage import transitions
 from fcp_server.storage.models import (
-    ACTIVE_ROUND_STATUSES,
     ACTIVE_TASK_STATUSES,
     MAX_ID,
     EntityKind,
-    Round,
-    RoundStatus,
     Task,
     TaskKind,
     TaskStatus,
@@ -241,63 +239,6 @@ def list_tasks(session: Session, pop: str | None = None, limit: int = 1000) -> l
     if pop is not None:
         query = query.where(Task.population_name == pop)
     return list(session.scalars(query))
-
-
-def cancel_task(
-    *,
-    session: Session,
-    pop: str,
-    task_id: int,
-    now: dt.datetime,
-    reason: str = "canceled by an administrator",
-) -> Task:
-    """Moves an active task to CANCELED and cancels its active rounds.
-
-    Raises:
-        NotFound: Unknown task.
-        Conflict: The task already ended.
-    """
-    task = get_task(session, pop, task_id)
-    for status in ACTIVE_TASK_STATUSES:
-        if transitions.move_task(
-            session,
-            task.id,
-            status,
-            TaskStatus.CANCELED,
-            now=now,
-            reason=reason,
-            stopped_at=now,
-            status_reason=reason,
-        ):
-            break
-    else:
-        raise errors.Conflict(f"task {pop}/{task_id} is {task.status.value}, not active")
-    rounds = session.scalars(
-        select(Round.id).where(Round.task_pk == task.id, Round.status.in_(ACTIVE_ROUND_STATUSES))
-    )
-    for round_pk in rounds.all():
-        _cancel_round(session, round_pk, now)
-    session.refresh(task)
-    return task
-
-
-def _cancel_round(session: Session, round_pk: int, now: dt.datetime) -> None:
-    # A round read as active may move on before its CAS (the upload filling its goal, a
-    # worker's claim): retry from its current status until canceled or no longer active.
-    while True:
-        status = session.scalar(select(Round.status).where(Round.id == round_pk))
-        if status not in ACTIVE_ROUND_STATUSES:
-            return
-        if transitions.move_round(
-            session,
-            round_pk,
-            status,
-            RoundStatus.CANCELED,
-            now=now,
-            reason="task canceled",
-            status_reason="task canceled",
-        ):
-            return
 
 
 def task_proto(task: Task) -> task_pb2.Task:

@@ -1,25 +1,49 @@
 """A task cancel racing its rounds' own moves: no active round outlives its canceled task.
 
-`tasks.cancel_task` reads the task's active rounds and cancels each with a compare-and-swap
+`task_cancel.cancel_task` reads the task's active rounds and cancels each with a compare-and-swap
 from the status it read. A round that moves on meanwhile (the upload filling its goal moves it
 COLLECTING -> AGGREGATING) must still be canceled, or the worker would aggregate it and publish
-a result for a canceled task. Only PostgreSQL interleaves the two transactions (SQLite
-serialises writers with BEGIN IMMEDIATE).
+a result for a canceled task. A round close commits its round and then updates its task; the
+cancel must take the same order, or PostgreSQL breaks the lock cycle by killing one of them.
+Only PostgreSQL interleaves the two transactions (SQLite serialises writers with BEGIN
+IMMEDIATE).
 """
 
-import pytest
-from sqlalchemy import select
+import threading
+import time
 
-from fcp_server.services import tasks
+import pytest
+from sqlalchemy import select, text
+
+from fcp_server.services import rounds, task_cancel
 from fcp_server.storage import transitions
 from fcp_server.storage.models import Round, RoundStatus, Task, TaskStatus
 from tests.integration.server import testkit
 from tests.integration.server.testkit import POP
 
+_WAITING = text(
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
 
-def test_a_round_moving_on_during_a_cancel_is_canceled_too(api, ctx, monkeypatch):
+
+def _needs_postgres(ctx) -> None:
     if ctx.database.engine.dialect.name != "postgresql":
         pytest.skip("needs two transactions at once: SQLite serialises writers")
+
+
+def _wait_until_blocked(ctx) -> None:
+    """Returns once some session of this database waits on a row lock (the cancel)."""
+    for _ in range(600):
+        with ctx.database.engine.connect() as conn:
+            if conn.execute(_WAITING).scalar_one() > 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError("the cancel never waited for the round being closed")
+
+
+def test_a_round_moving_on_during_a_cancel_is_canceled_too(api, ctx, monkeypatch):
+    _needs_postgres(ctx)
     task_id = api.open_training(testkit.training_task(report_goal=2, max_size=4)).task_id
     move_round = transitions.move_round
 
@@ -39,10 +63,71 @@ def test_a_round_moving_on_during_a_cancel_is_canceled_too(api, ctx, monkeypatch
 
     monkeypatch.setattr(transitions, "move_round", round_moves_meanwhile)
     with ctx.database.sessions() as session, session.begin():
-        tasks.cancel_task(session=session, pop=POP, task_id=task_id, now=ctx.clock.now())
+        task_cancel.cancel_task(session=session, pop=POP, task_id=task_id, now=ctx.clock.now())
 
     with ctx.database.sessions() as session:
         task = session.scalar(select(Task).where(Task.task_id == task_id))
         assert task is not None and task.status == TaskStatus.CANCELED
         statuses = session.scalars(select(Round.status).where(Round.task_pk == task.id)).all()
     assert statuses == [RoundStatus.CANCELED]
+
+
+def test_a_cancel_during_a_round_close_commit_does_not_deadlock(api, ctx):
+    _needs_postgres(ctx)
+    task_id = api.open_training(testkit.training_task(report_goal=1, rounds=3)).task_id
+    api.contribute_to(task_id, testkit.update_bytes())  # round 1 is AGGREGATING
+    # The close's commit: round 1 COMPLETED (its row locked until the commit)...
+    close = ctx.database.sessions()
+    close.begin()
+    rnd = close.scalar(select(Round).where(Round.status == RoundStatus.AGGREGATING))
+    assert rnd is not None
+    assert transitions.move_round(
+        close, rnd.id, RoundStatus.AGGREGATING, RoundStatus.COMPLETED, now=ctx.clock.now()
+    )
+    # ... while an administrator cancels the task and reaches that round.
+    failures: list[BaseException] = []
+
+    def cancel() -> None:
+        try:
+            with ctx.database.sessions() as session, session.begin():
+                task_cancel.cancel_task(
+                    session=session, pop=POP, task_id=task_id, now=ctx.clock.now()
+                )
+        except BaseException as e:
+            failures.append(e)
+
+    canceler = threading.Thread(target=cancel)
+    canceler.start()
+    try:
+        _wait_until_blocked(ctx)
+        # The close then moves its task on (round 2 starts) and commits.
+        task = close.get(Task, rnd.task_pk)
+        assert task is not None
+        rounds.advance_after_close(
+            session=close,
+            task=task,
+            rnd=rnd,
+            now=ctx.clock.now(),
+            budget_exhausted=False,
+            checkpoint_sha256="0" * 64,
+        )
+        close.commit()
+    except BaseException as e:
+        failures.append(e)
+        close.rollback()
+    finally:
+        close.close()
+        canceler.join()
+
+    assert not failures, failures
+    with ctx.database.sessions() as session:
+        task = session.scalar(select(Task).where(Task.task_id == task_id))
+        assert task is not None and task.status == TaskStatus.CANCELED
+        states = session.execute(
+            select(Round.iteration_id, Round.status).where(Round.task_pk == task.id)
+        ).all()
+    # The round the close committed stays COMPLETED; the one it started is canceled.
+    assert sorted(tuple(row) for row in states) == [
+        (1, RoundStatus.COMPLETED),
+        (2, RoundStatus.CANCELED),
+    ]

@@ -9,7 +9,7 @@ serialises writers with BEGIN IMMEDIATE).
 import pytest
 from sqlalchemy import select
 
-from fcp_server.services import blob_paths, eval_rounds, eval_selection, tasks
+from fcp_server.services import blob_paths, eval_rounds, eval_selection, task_cancel
 from fcp_server.storage.models import Round, Task, TaskStatus
 from tests.integration.server import testkit
 from tests.integration.server.testkit import POP
@@ -32,7 +32,9 @@ def test_a_cancel_inside_an_eval_round_start_leaves_no_round(api, ctx, worker, m
         # After the start read the eval task as OPEN, before it claims the iteration.
         monkeypatch.setattr(eval_selection, "select_training_result", select_result)
         with ctx.database.sessions() as other, other.begin():
-            tasks.cancel_task(session=other, pop=POP, task_id=created.task_id, now=ctx.clock.now())
+            task_cancel.cancel_task(
+                session=other, pop=POP, task_id=created.task_id, now=ctx.clock.now()
+            )
         return select_result(*args, **kwargs)
 
     monkeypatch.setattr(eval_selection, "select_training_result", cancel_meanwhile)
