@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fcp_server.aggregation import dp, metrics, queries, update_norms
+from fcp_server.aggregation import dp, gaussian_noise, metrics, queries, update_norms
 from fcp_server.aggregation.state import ClientUpdate, Tensor, Tensors
 from fcp_server.protos import plan_pb2
 
@@ -73,6 +73,12 @@ class RoundAccumulator:
             raise ValueError(f"zeroing_norm must be >= 0, found {self._zeroing_norm}.")
         model = [] if evaluation else list(plan.model.trainable)
         self._shapes = [tuple(t.shape) for t in model]
+        # What the noised mean is rounded to: the weights' dtypes (`finalize_round` casts
+        # to them), float64 for a non-floating weight.
+        self._dtypes = [
+            d if np.issubdtype(d, np.floating) else np.dtype(np.float64)
+            for d in (np.dtype(t.dtype) for t in model)
+        ]
         dtypes = {update_norms.sum_dtype(np.dtype(t.dtype)) for t in model}
         # The sums live in one flat array (when they share a dtype) so that an update whose
         # tensors lie back to back in the same order is added in one pass
@@ -105,6 +111,27 @@ class RoundAccumulator:
         self.zeroed_count = 0
         # Records whose L2 norm was <= the query's quantile threshold (adaptive clipping).
         self.below_threshold_count = 0
+        self._normals: gaussian_noise.PrefetchedNormals | None = None
+
+    def start_noise(self, rng: np.random.Generator) -> None:
+        """Starts drawing the query's noise from `rng` while the updates are being added.
+
+        The Gaussian queries' noise does not depend on the updates, so its draw (compute
+        bound, in the noise threads) can overlap reading and summing them (memory bound).
+        The result is bit-identical to drawing it in `finalize_round`, which must get the
+        same `rng`. Does nothing for queries without per-element noise.
+
+        Raises:
+            ValueError: If the noise was started already.
+        """
+        if self._normals is not None:
+            raise ValueError("The round's noise was started already.")
+        if self.query.noises_sum():
+            self._normals = gaussian_noise.prefetch_normals(self._shapes, rng, self._dtypes)
+
+    def prefetched_noise(self) -> gaussian_noise.PrefetchedNormals | None:
+        """Returns the noise draws `start_noise` began, or None."""
+        return self._normals
 
     def add(self, update: ClientUpdate) -> AddResult:
         """Zeroes/clips one update and adds it (and its metric state) to the sums.

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fcp_server.aggregation import dp
+from fcp_server.aggregation import dp, gaussian_noise
 from fcp_server.aggregation import quantile_estimation as qe
 from fcp_server.aggregation.query_types import (
     QueryResult,
@@ -125,6 +125,10 @@ class AdaptiveGaussianQuery:
         """Returns C: records are counted as unclipped when their norm is <= C."""
         return self.clip
 
+    def noises_sum(self) -> bool:
+        """Returns True: every element of the sum gets value noise."""
+        return True
+
     def finalize(
         self,
         total: Tensors,
@@ -132,6 +136,7 @@ class AdaptiveGaussianQuery:
         rng: np.random.Generator,
         *,
         below_threshold: int | None = None,
+        normals: gaussian_noise.PrefetchedNormals | None = None,
     ) -> QueryResult:
         """Noises the sum with the current clip, then adapts the clip for the next round.
 
@@ -140,6 +145,8 @@ class AdaptiveGaussianQuery:
             num_records: Records summed, > 0.
             rng: Noise source (value noise is drawn before the count noise).
             below_threshold: Records whose norm was <= `clip`.
+            normals: The value noise's draws from `rng`, started ahead
+                (`gaussian_noise.prefetch_normals`).
 
         Raises:
             ValueError: If no record was summed or the count is missing or out of range.
@@ -149,7 +156,7 @@ class AdaptiveGaussianQuery:
         value_z = p.value_noise_multiplier()
         std = dp.noise_stddev(value_z, self.clip)
         m = p.clients_per_round
-        mean = dp.noised_float64(total, std, rng, divisor=m)
+        mean = gaussian_noise.noised(total, std, rng, divisor=m, normals=normals)
         count_noise = float(rng.normal(loc=0.0, scale=p.clipped_count_stddev))
         shifted = qe.shifted_count(below, num_records) + count_noise
         fraction = qe.below_estimate_fraction(shifted, p.clients_per_round)

@@ -73,7 +73,8 @@ def finalize_round(
         acc: The round's accumulator, built from the same `plan`, with every update added.
         server_state: The state the round's devices trained from.
         plan: The task's server plan.
-        rng: DP noise source; `dp.make_noise_rng()` in production, seeded only in tests.
+        rng: DP noise source; `gaussian_noise.make_noise_rng()` in production, seeded only in tests;
+            the one given to `acc.start_noise` if the noise was started early.
 
     Returns:
         The new state, the applied mean update and the round metrics.
@@ -93,9 +94,17 @@ def finalize_round(
         _LOG.warning("Aggregating %d updates, the plan expects %d.", acc.num_updates, expected)
     # 1. Aggregate: noise and the fixed denominator (plus the next aggregator state), or the
     #    plain mean.
-    result = acc.query.finalize(total, acc.num_updates, rng, below_threshold=acc.below_threshold())
+    result = acc.query.finalize(
+        total,
+        acc.num_updates,
+        rng,
+        below_threshold=acc.below_threshold(),
+        normals=acc.prefetched_noise(),
+    )
     with np.errstate(over="ignore"):  # An overflow becomes inf and is rejected below.
-        mean_update = tuple(m.astype(w.dtype) for m, w in zip(result.mean, weights, strict=True))
+        mean_update = tuple(
+            m.astype(w.dtype, copy=False) for m, w in zip(result.mean, weights, strict=True)
+        )
     # 2. Finalizer: server optimizer step, unless the aggregate is not finite.
     optimizer = optimizers.build_server_optimizer(plan.server_optimizer)
     opt_state, trainable, rejected = apply_optimizer(optimizer, server_state, mean_update)

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fcp_server.aggregation import dp
+from fcp_server.aggregation import dp, gaussian_noise
 from fcp_server.aggregation.adaptive_clipping import AdaptiveGaussianQuery, AdaptiveParams
 from fcp_server.aggregation.query_types import (
     AggregationQuery,
@@ -64,6 +64,10 @@ class UnweightedMeanQuery:
         """Returns None: nothing adapts."""
         return None
 
+    def noises_sum(self) -> bool:
+        """Returns False: the plain mean has no noise."""
+        return False
+
     def finalize(
         self,
         total: Tensors,
@@ -71,6 +75,7 @@ class UnweightedMeanQuery:
         rng: np.random.Generator,
         *,
         below_threshold: int | None = None,
+        normals: gaussian_noise.PrefetchedNormals | None = None,
     ) -> QueryResult:
         """Returns total / num_records (and an empty state).
 
@@ -79,6 +84,7 @@ class UnweightedMeanQuery:
             num_records: Records summed, > 0.
             rng: Unused (no noise); part of the query interface.
             below_threshold: Unused.
+            normals: Unused (no noise).
 
         Raises:
             ValueError: If no record was summed.
@@ -105,6 +111,10 @@ class FixedGaussianQuery(FixedClip):
                 f"FIXED_GAUSSIAN needs `clients_per_round` > 0, found {self.clients_per_round}."
             )
 
+    def noises_sum(self) -> bool:
+        """Returns True: every element of the sum gets N(0, (z*C)^2) noise."""
+        return True
+
     def finalize(
         self,
         total: Tensors,
@@ -112,21 +122,26 @@ class FixedGaussianQuery(FixedClip):
         rng: np.random.Generator,
         *,
         below_threshold: int | None = None,
+        normals: gaussian_noise.PrefetchedNormals | None = None,
     ) -> QueryResult:
         """Adds N(0, (z*C)^2) to the sum and divides by `clients_per_round`.
 
         Args:
             total: Sum of the clipped records (float32 or float64; noised in float64).
             num_records: Records summed, > 0 (the noise does not depend on it).
-            rng: Noise source, see `dp.make_noise_rng`.
+            rng: Noise source, see `gaussian_noise.make_noise_rng`.
             below_threshold: Unused.
+            normals: The noise's draws from `rng`, started ahead
+                (`gaussian_noise.prefetch_normals`).
 
         Raises:
             ValueError: If no record was summed.
         """
         check_records(num_records, below_threshold, needs_count=False)
         std = dp.noise_stddev(self.noise_multiplier, self.clip)
-        mean = dp.noised_float64(total, std, rng, divisor=self.clients_per_round)
+        mean = gaussian_noise.noised(
+            total, std, rng, divisor=self.clients_per_round, normals=normals
+        )
         std_of_mean = std / self.clients_per_round
         return QueryResult(
             mean, dp_facts(self.noise_multiplier, self.clip, std_of_mean, self.clients_per_round)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fcp_server.aggregation.gaussian_noise import PrefetchedNormals
 from fcp_server.aggregation.state import Tensor, Tensors
 
 
@@ -21,7 +22,8 @@ from fcp_server.aggregation.state import Tensor, Tensors
 class QueryResult:
     """The round's aggregate, the query's measurements and its next state."""
 
-    # The mean update in float64, one array per trainable tensor.
+    # The mean update, one array per trainable tensor: float64, or the weights' dtypes when
+    # the noise was prefetched for them (each value rounded once from float64).
     mean: Tensors
     # Flat measurements, keys relative to "server/aggregator/".
     metrics: dict[str, float]
@@ -47,6 +49,7 @@ class AggregationQuery(Protocol):
         rng: np.random.Generator,
         *,
         below_threshold: int | None = None,
+        normals: PrefetchedNormals | None = None,
     ) -> QueryResult:
         """Turns the sum of (clipped) records into the round's mean update and next state.
 
@@ -57,6 +60,16 @@ class AggregationQuery(Protocol):
             rng: The round's noise source.
             below_threshold: Records whose L2 norm (after zeroing) was <= the
                 `quantile_threshold()`; required by the adaptive queries only.
+            normals: The sum's noise draws started ahead by `gaussian_noise.prefetch_normals`
+                from `rng`, for the queries whose `noises_sum()` is true; None draws them
+                here.
+        """
+        ...
+
+    def noises_sum(self) -> bool:
+        """Returns whether `finalize` adds `gaussian_noise.noised` noise to every sum element.
+
+        Such noise does not depend on the records, so it can be drawn while they are summed.
         """
         ...
 

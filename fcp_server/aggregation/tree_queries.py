@@ -25,8 +25,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fcp_server.aggregation import gaussian_noise, tree_noise
 from fcp_server.aggregation import quantile_estimation as qe
-from fcp_server.aggregation import tree_noise
 from fcp_server.aggregation.adaptive_clipping import AdaptiveParams, read_scalar
 from fcp_server.aggregation.query_types import (
     FixedClip,
@@ -78,6 +78,10 @@ class TreeAggregationQuery(FixedClip):
         if self.clients_per_round <= 0:
             raise ValueError("TREE_AGGREGATION needs `clients_per_round` > 0.")
 
+    def noises_sum(self) -> bool:
+        """Returns False: the noise comes from the tree's nodes, not one draw per element."""
+        return False
+
     @classmethod
     def from_state(
         cls, z: float, clip: float, clients_per_round: int, state: Mapping[str, Tensor]
@@ -92,8 +96,11 @@ class TreeAggregationQuery(FixedClip):
         rng: np.random.Generator,
         *,
         below_threshold: int | None = None,
+        normals: gaussian_noise.PrefetchedNormals | None = None,
     ) -> QueryResult:
         """Adds the tree's residual noise to the sum and divides by clients_per_round.
+
+        `normals` is unused: the tree's noise is drawn per tree node (`noises_sum` is False).
 
         Raises:
             ValueError: If no record was summed or the tree does not fit the model.
@@ -173,6 +180,10 @@ class AdaptiveTreeQuery:
         """Returns the quantile estimate records are counted against."""
         return self.estimate
 
+    def noises_sum(self) -> bool:
+        """Returns False: the noise comes from the trees' nodes, not one draw per element."""
+        return False
+
     def finalize(
         self,
         total: Tensors,
@@ -180,8 +191,11 @@ class AdaptiveTreeQuery:
         rng: np.random.Generator,
         *,
         below_threshold: int | None = None,
+        normals: gaussian_noise.PrefetchedNormals | None = None,
     ) -> QueryResult:
         """Noises the sum and the below-count with their trees, then maybe restarts.
+
+        `normals` is unused: the tree's noise is drawn per tree node (`noises_sum` is False).
 
         Raises:
             ValueError: If no record was summed, the count is missing or the state is invalid.

@@ -180,8 +180,10 @@ def _base_state(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -
 def _train(deps: Deps, task: Task, rnd: Round, plan: plan_pb2.ServerPlan) -> Outputs:
     state = _base_state(deps, task, rnd, plan)
     acc = RoundAccumulator(plan, state.aggregator_state)
+    rng = deps.rng_factory()
+    acc.start_noise(rng)  # drawn while the updates are read and summed
     _add_updates(deps, task, rnd, plan, acc)
-    outcome = finalize_round(acc, state, plan, deps.rng_factory())
+    outcome = finalize_round(acc, state, plan, rng)
     # Training round N is the N-th aggregation (a retried attempt never aggregated).
     budget = dp_budget.after_rounds(plan, task.total_iteration, rnd.iteration_id)
     return Outputs(

@@ -23,8 +23,8 @@ from fcp_server.aggregation import (
     ModelWeights,
     RoundAccumulator,
     ServerState,
-    dp,
     finalize_round,
+    gaussian_noise,
     update_norms,
 )
 from fcp_server.aggregation.state import ClientUpdate
@@ -84,6 +84,7 @@ def _as_read(blob: bytes) -> memoryview:
 def server_round(w: Workload, rng: np.random.Generator) -> None:
     """Decode + validate, clip and sum N updates, then noise and the optimizer step."""
     acc = RoundAccumulator(w.plan, w.state.aggregator_state)
+    acc.start_noise(rng)  # as the round close does: drawn while the updates are summed
     layout = checkpoints.update_layout(w.plan)
     limit = 1 << 31
     for i in range(w.num_updates):
@@ -113,7 +114,7 @@ def two_passes_and_noise(w: Workload, flats: tuple[Array, ...], rng: np.random.G
     not shrink with the number of updates, so with few large updates it alone can exceed half
     the baseline's time.
     """
-    dp.noised_float64((two_passes(w, flats),), 1.0, rng, divisor=float(w.num_updates))
+    gaussian_noise.noised((two_passes(w, flats),), 1.0, rng, divisor=float(w.num_updates))
 
 
 def numpy_add(w: Workload) -> None:

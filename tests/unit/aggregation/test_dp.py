@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from fcp_server.aggregation import dp
+from fcp_server.aggregation import dp, gaussian_noise
 from fcp_server.aggregation.state import Tensor
 
 
@@ -93,7 +93,7 @@ def test_gaussian_noise_has_the_requested_moments():
     n = 200_000
     std = 2.5
     rng = np.random.default_rng(1234)
-    (noised,) = dp.add_gaussian_noise([np.zeros(n, np.float64)], std, rng)
+    (noised,) = gaussian_noise.add_gaussian_noise([np.zeros(n, np.float64)], std, rng)
     # The sample std of n normals has standard error ~ std / sqrt(2n); allow 6 of them.
     assert abs(noised.std() - std) < 6 * std / math.sqrt(2 * n)
     assert abs(noised.mean()) < 6 * std / math.sqrt(n)
@@ -102,35 +102,41 @@ def test_gaussian_noise_has_the_requested_moments():
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_gaussian_noise_depends_on_the_generator_only_not_on_the_threads(monkeypatch, threads):
     # Several blocks per tensor, and a tensor smaller than one block.
-    shapes = [(3 * dp._NOISE_BLOCK + 5,), (7, 3)]
+    shapes = [(3 * gaussian_noise._NOISE_BLOCK + 5,), (7, 3)]
     tensors = [np.zeros(s, np.float64) for s in shapes]
-    monkeypatch.setattr(dp, "_MAX_NOISE_THREADS", 1)
-    dp._noise_threads.cache_clear()
-    reference = dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(7))
-    monkeypatch.setattr(dp, "_MAX_NOISE_THREADS", threads)
-    dp._noise_threads.cache_clear()
+    monkeypatch.setattr(gaussian_noise, "_MAX_NOISE_THREADS", 1)
+    gaussian_noise._noise_threads.cache_clear()
+    reference = gaussian_noise.add_gaussian_noise(tensors, 1.0, np.random.default_rng(7))
+    monkeypatch.setattr(gaussian_noise, "_MAX_NOISE_THREADS", threads)
+    gaussian_noise._noise_threads.cache_clear()
     try:
-        again = dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(7))
+        again = gaussian_noise.add_gaussian_noise(tensors, 1.0, np.random.default_rng(7))
     finally:
-        dp._noise_threads.cache_clear()
+        gaussian_noise._noise_threads.cache_clear()
     for a, b in zip(reference, again, strict=True):
         np.testing.assert_array_equal(a, b)
     # Each block has a stream of its own: no two blocks repeat each other's values.
     flat = reference[0]
-    first, second = flat[: dp._NOISE_BLOCK], flat[dp._NOISE_BLOCK : 2 * dp._NOISE_BLOCK]
+    first, second = (
+        flat[: gaussian_noise._NOISE_BLOCK],
+        flat[gaussian_noise._NOISE_BLOCK : 2 * gaussian_noise._NOISE_BLOCK],
+    )
     assert not np.array_equal(first, second)
     # A different generator gives different noise.
-    other = dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(8))
+    other = gaussian_noise.add_gaussian_noise(tensors, 1.0, np.random.default_rng(8))
     assert not np.array_equal(other[1], reference[1])
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("divisor", [1.0, 3.0])
-def test_noise_is_drawn_block_by_block_as_documented(divisor):
+def test_noise_is_drawn_block_by_block_as_documented(divisor, ahead):
     # The documented construction with whole-block numpy passes: one stream spawned per block,
     # normal draws times std, plus the values, divided by the divisor.
     rng_values = np.random.default_rng(3)
     tensors = [
-        rng_values.normal(size=2 * dp._NOISE_BLOCK + 3 * dp._NOISE_STEP + 11).astype(np.float32),
+        rng_values.normal(
+            size=2 * gaussian_noise._NOISE_BLOCK + 3 * gaussian_noise._NOISE_STEP + 11
+        ).astype(np.float32),
         np.full((5, 3), 2.0, np.float32),
     ]
     std = 0.7
@@ -139,26 +145,30 @@ def test_noise_is_drawn_block_by_block_as_documented(divisor):
     for t in tensors:
         flat = t.reshape(-1).astype(np.float64)
         blocks = []
-        for start in range(0, flat.size, dp._NOISE_BLOCK):
-            values = flat[start : start + dp._NOISE_BLOCK]
+        for start in range(0, flat.size, gaussian_noise._NOISE_BLOCK):
+            values = flat[start : start + gaussian_noise._NOISE_BLOCK]
             noise = next(streams).standard_normal(values.size)
             blocks.append((noise * std + values) / divisor)
         expected.append(np.concatenate(blocks).reshape(t.shape))
-    got = dp.noised_float64(tensors, std, np.random.default_rng(9), divisor=divisor)
+    rng = np.random.default_rng(9)
+    normals = gaussian_noise.prefetch_normals([t.shape for t in tensors], rng) if ahead else None
+    got = gaussian_noise.noised(tensors, std, rng, divisor=divisor, normals=normals)
     for a, b in zip(got, expected, strict=True):
         assert a.tobytes() == b.tobytes()
     with pytest.raises(ValueError, match="divisor"):
-        dp.noised_float64(tensors, std, np.random.default_rng(9), divisor=0.0)
+        gaussian_noise.noised(tensors, std, np.random.default_rng(9), divisor=0.0)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_draws_noise_with_threads_of_its_own():
-    tensors = [np.zeros(2 * dp._NOISE_BLOCK, np.float64)]
-    dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(1))  # the parent's pool exists
+    tensors = [np.zeros(2 * gaussian_noise._NOISE_BLOCK, np.float64)]
+    gaussian_noise.add_gaussian_noise(
+        tensors, 1.0, np.random.default_rng(1)
+    )  # the parent's pool exists
     pid = os.fork()
     if pid == 0:  # the child: the inherited pool has no threads; a hang would be the bug
         try:
-            (out,) = dp.add_gaussian_noise(tensors, 1.0, np.random.default_rng(1))
+            (out,) = gaussian_noise.add_gaussian_noise(tensors, 1.0, np.random.default_rng(1))
             os._exit(0 if out.std() > 0.5 else 1)
         finally:
             os._exit(2)
@@ -176,17 +186,17 @@ def test_a_forked_child_draws_noise_with_threads_of_its_own():
 
 def test_gaussian_noise_keeps_dtype_and_shape_and_zero_std_is_identity():
     x = (np.ones((3, 2), np.float32),)
-    (out,) = dp.add_gaussian_noise(x, 0.0, np.random.default_rng(0))
+    (out,) = gaussian_noise.add_gaussian_noise(x, 0.0, np.random.default_rng(0))
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, x[0])
     with pytest.raises(ValueError, match="floating"):
-        dp.add_gaussian_noise((np.ones(2, np.int64),), 1.0, np.random.default_rng(0))
+        gaussian_noise.add_gaussian_noise((np.ones(2, np.int64),), 1.0, np.random.default_rng(0))
     with pytest.raises(ValueError, match="std"):
-        dp.add_gaussian_noise(x, -1.0, np.random.default_rng(0))
+        gaussian_noise.add_gaussian_noise(x, -1.0, np.random.default_rng(0))
 
 
 def test_noise_rng_is_seeded_from_os_entropy():
-    a, b = dp.make_noise_rng(), dp.make_noise_rng()
+    a, b = gaussian_noise.make_noise_rng(), gaussian_noise.make_noise_rng()
     assert isinstance(a, np.random.Generator)
     # Two independently seeded generators agree on 8 normals with probability ~0.
     assert not np.array_equal(a.normal(size=8), b.normal(size=8))

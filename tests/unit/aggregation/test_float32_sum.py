@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fcp_server.aggregation import dp
+from fcp_server.aggregation import gaussian_noise
 from fcp_server.aggregation.accumulator import RoundAccumulator
 from fcp_server.aggregation.state import ClientUpdate
 from fcp_server.protos import plan_pb2
@@ -11,7 +11,7 @@ from tests.unit.aggregation.dp_rounds import make_dp_plan
 from tests.unit.aggregation.plan_builders import DpType, make_update
 
 # Several noise blocks in one tensor, and a small one.
-SHAPES = [(2 * dp._NOISE_BLOCK + 3,), (5,)]
+SHAPES = [(2 * gaussian_noise._NOISE_BLOCK + 3,), (5,)]
 
 
 def _plan(dp_type: DpType) -> plan_pb2.ServerPlan:
