@@ -190,19 +190,6 @@ def noised(
     return out
 
 
-def add_gaussian_noise(tensors: Sequence[Tensor], std: float, rng: np.random.Generator) -> Tensors:
-    """Adds independent N(0, std^2) noise to every element; `noised` cast back.
-
-    Returns:
-        Noised arrays in their input dtypes.
-
-    Raises:
-        ValueError: As `noised`.
-    """
-    result = noised(tensors, std, rng)
-    return tuple(out.astype(t.dtype, copy=False) for out, t in zip(result, tensors, strict=True))
-
-
 def _blocks(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Flat views of `_NOISE_BLOCK` elements (the last of each tensor shorter), in order."""
     return [

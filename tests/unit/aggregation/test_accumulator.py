@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from fcp_server.aggregation import dp
 from fcp_server.aggregation.accumulator import RoundAccumulator
 from fcp_server.aggregation.state import ClientUpdate
 from fcp_server.protos import task_builder_pb2
+from tests.unit.aggregation import reference_dp
 from tests.unit.aggregation.plan_builders import (
     AUC_STATE,
     NUM_THRESHOLDS,
@@ -34,7 +34,7 @@ def test_server_clips_whatever_the_device_did():
     assert result.clipped
     assert result.l2_norm > 1e30
     # The sum is float32, as TFF's: the clipped norm is C to float32 resolution.
-    assert dp.global_l2_norm(acc.update_sum()) == pytest.approx(1.0, rel=1e-6)
+    assert reference_dp.global_l2_norm(acc.update_sum()) == pytest.approx(1.0, rel=1e-6)
     assert acc.clipped_count == 1
 
 
@@ -55,7 +55,7 @@ def test_zeroing_by_linf_happens_before_clipping():
     acc.add(constant_update(50.0))
     assert result.zeroed and not result.clipped
     assert (acc.zeroed_count, acc.clipped_count, acc.num_updates) == (1, 1, 2)
-    assert dp.global_l2_norm(acc.update_sum()) == pytest.approx(1.0, rel=1e-6)
+    assert reference_dp.global_l2_norm(acc.update_sum()) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_without_dp_there_is_no_clipping_as_tff_unweighted_mean():

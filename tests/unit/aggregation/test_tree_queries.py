@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from fcp_server import checkpoints
-from fcp_server.aggregation import dp, queries, tree_queries
+from fcp_server.aggregation import queries, tree_queries
 from fcp_server.aggregation.accumulator import RoundAccumulator
 from fcp_server.aggregation.state import Tensor
+from tests.unit.aggregation import reference_dp
 from tests.unit.aggregation.dp_rounds import (
     close_round,
     initial_state,
@@ -32,7 +33,7 @@ def test_without_noise_the_tree_output_is_the_plain_clipped_mean():
     rng = np.random.default_rng(0)
     rounds = [random_updates(rng, 4) for _ in range(6)]
     for updates, outcome in zip(rounds, run_rounds(plan, rounds, seed=1), strict=True):
-        clipped = [dp.clip_l2(u.trainable, clip)[0] for u in updates]
+        clipped = [reference_dp.clip_l2(u.trainable, clip)[0] for u in updates]
         for i in range(len(TRAINABLE_SHAPES)):
             expected = sum(c[i].astype(np.float64) for c in clipped) / m  # fixed denominator
             np.testing.assert_allclose(outcome.mean_update[i], expected, rtol=1e-6, atol=1e-7)
