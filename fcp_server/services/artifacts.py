@@ -277,7 +277,8 @@ def check_eval_model(
 ) -> None:
     """Checks an eval plan evaluates the training task's model (its client checkpoints).
 
-    Skipped while the training task has no server plan yet; its own open checks it then.
+    Skipped when the training task has no server plan (canceled before it was uploaded): it
+    never produces a result to evaluate.
 
     Raises:
         BadRequest: The models differ, so devices could not load the training checkpoints.

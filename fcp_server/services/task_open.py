@@ -4,7 +4,8 @@ The builder uploads the plans and (training) the initial checkpoint, then calls 
 (ODP's scheduler moves CREATED -> OPEN when the artifacts exist; odp-federated-compute.md
 section 2.6 step 1). Before the task opens: every artifact is cross-checked
 (`artifacts.validate_for_open`), a DP plan must afford at least one round within its
-`dp_target_epsilon` (`dp_budget`), and an eval plan must describe the training task's model.
+`dp_target_epsilon` (`dp_budget`), and an eval plan must describe the training task's model,
+which is final once the training task has left CREATED (an eval task opens after it).
 A training task then publishes result 0's client checkpoint and starts round 1; an eval task
 starts evaluating as soon as its training task has a result (`eval_rounds`).
 """
@@ -47,6 +48,13 @@ def open_task(
     if task.training_task_pk is not None:
         training = session.get(Task, task.training_task_pk)
         assert training is not None  # foreign key
+        if training.status == TaskStatus.CREATED:
+            # Its server plan (the model this task evaluates) can still be replaced; once it
+            # has left CREATED it never changes, so the check below holds for good.
+            raise errors.Conflict(
+                f"task {pop}/{task_id} evaluates training task {training.population_name}/"
+                f"{training.task_id}, which is still CREATED: open that task first"
+            )
         artifacts.check_eval_model(blobs, opened.server_plan, training, settings.max_artifact_bytes)
     deadline = opened.server_plan.round_deadline_seconds or settings.round_deadline_seconds
     # Only if no upload replaced an artifact since they were read and validated above.

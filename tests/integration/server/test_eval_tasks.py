@@ -181,3 +181,30 @@ def test_evaluation_traffic_sets_the_share_of_check_ins_given_eval_work(api, wor
     # Assert: P(eval) = 25 / 125 = 0.2 (binomial sd 0.013; 0.25 or 0.17 would fail).
     assert set(counts) == {"1", "2"}
     assert counts["2"] / n == pytest.approx(0.2, abs=0.025)
+
+
+def test_an_eval_task_opens_only_after_its_training_task_so_its_model_is_final(api):
+    # Arrange: a TRAINING_AND_EVAL pair, both built, neither opened.
+    created = api.created(
+        testkit.training_task(report_goal=1, rounds=2), testkit.eval_task(report_goal=1, rounds=2)
+    )
+    plan = testkit.server_plan(report_goal=1)
+    api.upload_artifacts(created.task, plan, testkit.client_plan(), testkit.initial_checkpoint())
+    api.upload_eval_artifacts(created.eval_task)
+
+    # Act: open the eval task first.
+    early = api.task_call(POP, 2, "open")
+
+    # Assert: refused while the training task's model can still be replaced ...
+    assert early.status_code == 409
+    assert "still CREATED: open that task first" in early.get_json()["error"]["message"]
+    assert api.get_task(2).status == task_pb2.TaskStatus.CREATED
+    # ... as it can: a server plan for another model is accepted while the task is CREATED.
+    other = testkit.server_plan(report_goal=1)
+    other.model.trainable[0].shape[:] = [4, 1]
+    assert api.put(created.task.server_phase_url[0], other.SerializeToString()).status_code == 204
+    assert api.put(created.task.server_phase_url[0], plan.SerializeToString()).status_code == 204
+    # Training first, then its eval task: both open.
+    assert api.task_call(POP, 1, "open").status_code == 200
+    assert api.task_call(POP, 2, "open").status_code == 200
+    assert api.get_task(2).status == task_pb2.TaskStatus.OPEN
