@@ -171,8 +171,8 @@ class Fleet:
         """Runs the devices until `until()` is true or `duration` real seconds passed.
 
         The compute processes are started and warmed up first; `duration` and the summary's
-        `elapsed_seconds` count from the moment the first device may wake up to the moment
-        the stop condition held.
+        `elapsed_seconds` count from the moment the first device may wake up (on the wall
+        clock: `started_unix_seconds`) to the moment the stop condition held.
 
         Returns:
           The JSON-ready summary (counters, phase and elapsed seconds, stop reason).
@@ -182,6 +182,8 @@ class Fleet:
         try:
             warmup_seconds = self._start_compute()
             started = time.monotonic()
+            # The same moment on the wall clock, which a server's timestamps can be set against.
+            started_unix = time.time()
             schedule = _Schedule(self.devices, self.config, self._stop, self.stats)
             threads = [
                 threading.Thread(target=schedule.serve, name=f"device-session-{i}", daemon=True)
@@ -213,6 +215,7 @@ class Fleet:
         summary = self.stats.snapshot()
         summary.update(
             elapsed_seconds=round(elapsed, 3),
+            started_unix_seconds=started_unix,
             compute_warmup_seconds=round(warmup_seconds, 3),
             shutdown_seconds=round(time.monotonic() - stopping, 3),
             stop_reason=reason,

@@ -1,5 +1,7 @@
 """The fleet's compute processes load TensorFlow before the first device wakes up."""
 
+import time
+
 import httpx
 import psutil
 import pytest
@@ -47,9 +49,15 @@ def test_the_warm_up_is_reported_apart_from_the_fleet_time():
     # Arrange
     fleet = _fleet()
     # Act
+    before = time.time()
     summary = fleet.run(until=lambda: True, poll_interval=0.01)
+    after = time.time()
     # Assert
     assert summary["stop_reason"] == "goal reached"
+    # The devices' start on the wall clock: after the warm-up, before the run returned.
+    started = summary["started_unix_seconds"]
+    assert isinstance(started, float)
+    assert before + summary["compute_warmup_seconds"] - 1e-3 <= started <= after
     warmup, elapsed = summary["compute_warmup_seconds"], summary["elapsed_seconds"]
     assert isinstance(warmup, float) and isinstance(elapsed, float)
     assert warmup > 0
