@@ -51,6 +51,32 @@ def make_dp_plan(
     return plan
 
 
+# Every AggregationSpec.dp_type the server implements.
+ALL_DP_TYPES = (
+    DpType.FIXED_GAUSSIAN,
+    DpType.ADAPTIVE_GAUSSIAN,
+    DpType.TREE_AGGREGATION,
+    DpType.ADAPTIVE_TREE,
+    DpType.UNKNOWN,
+)
+
+
+def noisy_plan(
+    dp_type: DpType, shapes: Sequence[tuple[int, ...]], clients_per_round: int
+) -> plan_pb2.ServerPlan:
+    """`make_dp_plan` with noise (z 0.8, count stddev 1) over float32 tensors of `shapes`."""
+    plan = make_dp_plan(
+        dp_type,
+        noise_multiplier=0.8,
+        clients_per_round=clients_per_round,
+        clipped_count_stddev=1.0,
+    )
+    del plan.model.trainable[:]
+    for i, shape in enumerate(shapes):
+        plan.model.trainable.add(name=f"trainable/{i}", shape=list(shape), dtype="float32")
+    return plan
+
+
 def initial_state(plan: plan_pb2.ServerPlan, seed: int = 0) -> ServerState:
     """Random weights, zero optimizer state, empty aggregator state (a task's round 0)."""
     weights = random_weights(np.random.default_rng(seed))

@@ -7,7 +7,7 @@ from fcp_server.aggregation import gaussian_noise
 from fcp_server.aggregation.accumulator import RoundAccumulator
 from fcp_server.aggregation.state import ClientUpdate
 from fcp_server.protos import plan_pb2
-from tests.unit.aggregation.dp_rounds import make_dp_plan
+from tests.unit.aggregation.dp_rounds import ALL_DP_TYPES, noisy_plan
 from tests.unit.aggregation.plan_builders import DpType, make_update
 
 # Several noise blocks in one tensor, and a small one.
@@ -15,13 +15,7 @@ SHAPES = [(2 * gaussian_noise._NOISE_BLOCK + 3,), (5,)]
 
 
 def _plan(dp_type: DpType) -> plan_pb2.ServerPlan:
-    plan = make_dp_plan(
-        dp_type, noise_multiplier=0.8, clients_per_round=4, clipped_count_stddev=1.0
-    )
-    del plan.model.trainable[:]
-    for i, shape in enumerate(SHAPES):
-        plan.model.trainable.add(name=f"trainable/{i}", shape=list(shape), dtype="float32")
-    return plan
+    return noisy_plan(dp_type, SHAPES, clients_per_round=4)
 
 
 def _updates() -> list[ClientUpdate]:
@@ -51,16 +45,7 @@ def _assert_same_bits(a: object, b: object) -> None:
         assert a == b
 
 
-@pytest.mark.parametrize(
-    "dp_type",
-    [
-        DpType.FIXED_GAUSSIAN,
-        DpType.ADAPTIVE_GAUSSIAN,
-        DpType.TREE_AGGREGATION,
-        DpType.ADAPTIVE_TREE,
-        DpType.UNKNOWN,
-    ],
-)
+@pytest.mark.parametrize("dp_type", ALL_DP_TYPES)
 def test_every_query_gives_the_same_bits_from_the_float32_sum_as_from_a_float64_copy(dp_type):
     acc = RoundAccumulator(_plan(dp_type))
     for update in _updates():

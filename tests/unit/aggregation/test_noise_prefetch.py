@@ -9,7 +9,8 @@ from fcp_server.aggregation import gaussian_noise
 from fcp_server.aggregation.accumulator import RoundAccumulator
 from fcp_server.aggregation.fedavg import finalize_round
 from fcp_server.aggregation.state import ModelWeights, ServerState
-from tests.unit.aggregation.dp_rounds import make_dp_plan
+from fcp_server.protos import plan_pb2
+from tests.unit.aggregation.dp_rounds import ALL_DP_TYPES, noisy_plan
 from tests.unit.aggregation.plan_builders import DpType, make_update
 
 # Several noise blocks and steps in one tensor, and one smaller than a step.
@@ -75,14 +76,8 @@ def test_prefetched_normals_fit_only_their_generator_and_shapes_and_are_used_onc
         gaussian_noise.prefetch_normals(SHAPES, rng, [np.dtype(np.int32)] * 2)
 
 
-def _plan(dp_type: DpType):
-    plan = make_dp_plan(
-        dp_type, noise_multiplier=0.8, clients_per_round=3, clipped_count_stddev=1.0
-    )
-    del plan.model.trainable[:]
-    for i, shape in enumerate(SHAPES):
-        plan.model.trainable.add(name=f"trainable/{i}", shape=list(shape), dtype="float32")
-    return plan
+def _plan(dp_type: DpType) -> plan_pb2.ServerPlan:
+    return noisy_plan(dp_type, SHAPES, clients_per_round=3)
 
 
 def _close(dp_type: DpType, ahead: bool):
@@ -98,16 +93,7 @@ def _close(dp_type: DpType, ahead: bool):
     return acc, finalize_round(acc, state, plan, rng)
 
 
-@pytest.mark.parametrize(
-    "dp_type",
-    [
-        DpType.FIXED_GAUSSIAN,
-        DpType.ADAPTIVE_GAUSSIAN,
-        DpType.TREE_AGGREGATION,
-        DpType.ADAPTIVE_TREE,
-        DpType.UNKNOWN,
-    ],
-)
+@pytest.mark.parametrize("dp_type", ALL_DP_TYPES)
 def test_a_round_whose_noise_started_early_closes_with_the_same_bits(dp_type):
     acc, early = _close(dp_type, ahead=True)
     _, late = _close(dp_type, ahead=False)
