@@ -5,7 +5,9 @@ minus the blob store read (B5 covers that; the updates lie in memory as that rea
 them, in a `ReadBuffer` on transparent huge pages): for each of N updates
 `checkpoints.decode_update` (safetensors header, names, shapes, dtypes, finiteness with the
 squared norm) then `RoundAccumulator.add` (zeroing checks, L2 clip, float32 BLAS running sum),
-then `finalize_round` (float64 Gaussian noise, the fixed denominator and the server SGD step).
+then `finalize_round` (float64 Gaussian noise, the fixed denominator and the server SGD step);
+as in the round close, the noise's draws start with the round (`start_noise`) and run in the
+noise threads while the updates are summed.
 The baseline adds the same float32 arrays in place into float32 sums, the least work any
 aggregator must do: one read of every update. The notes add two floors measured alike: the
 norm and the clipped add alone, and those plus the round's float64 noise, whose cost grows
@@ -35,7 +37,8 @@ from tools.benchmarks.figures import Figure
 from tools.benchmarks.timing import best_seconds
 from tools.benchmarks.workload import Array
 
-# Distinct updates cycled through: together larger than the CPU caches (32 MiB L3 here).
+# Distinct updates cycled through: 53 MB at 1.66M and 320 MB at 10M parameters, larger than
+# most CPUs' caches (some machines of this kind report a 480 MiB L3 shared with other tenants).
 DISTINCT_UPDATES = 8
 
 
