@@ -10,36 +10,21 @@ IMMEDIATE).
 """
 
 import threading
-import time
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from fcp_server.services import rounds, task_cancel
 from fcp_server.storage import transitions
 from fcp_server.storage.models import Round, RoundStatus, Task, TaskStatus
 from tests.integration.server import testkit
+from tests.integration.server.row_locks import wait_until_blocked
 from tests.integration.server.testkit import POP
-
-_WAITING = text(
-    "SELECT count(*) FROM pg_stat_activity "
-    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-)
 
 
 def _needs_postgres(ctx) -> None:
     if ctx.database.engine.dialect.name != "postgresql":
         pytest.skip("needs two transactions at once: SQLite serialises writers")
-
-
-def _wait_until_blocked(ctx) -> None:
-    """Returns once some session of this database waits on a row lock (the cancel)."""
-    for _ in range(600):
-        with ctx.database.engine.connect() as conn:
-            if conn.execute(_WAITING).scalar_one() > 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError("the cancel never waited for the round being closed")
 
 
 def test_a_round_moving_on_during_a_cancel_is_canceled_too(api, ctx, monkeypatch):
@@ -99,7 +84,7 @@ def test_a_cancel_during_a_round_close_commit_does_not_deadlock(api, ctx):
     canceler = threading.Thread(target=cancel)
     canceler.start()
     try:
-        _wait_until_blocked(ctx)
+        wait_until_blocked(ctx, "the cancel")
         # The close then moves its task on (round 2 starts) and commits.
         task = close.get(Task, rnd.task_pk)
         assert task is not None

@@ -10,30 +10,15 @@ SQLite serialises writers (BEGIN IMMEDIATE), so only PostgreSQL can interleave t
 """
 
 import threading
-import time
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from fcp_server.services import maintenance
 from fcp_server.storage import transitions
 from fcp_server.storage.models import Assignment, AssignmentStatus, Round
 from tests.integration.server import testkit
-
-_WAITING = text(
-    "SELECT count(*) FROM pg_stat_activity "
-    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-)
-
-
-def _wait_until_blocked(ctx) -> None:
-    """Returns once some session of this database waits on a row lock (the sweep)."""
-    for _ in range(600):
-        with ctx.database.engine.connect() as conn:
-            if conn.execute(_WAITING).scalar_one() > 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError("the timeout sweep never reached the locked assignment")
+from tests.integration.server.row_locks import wait_until_blocked
 
 
 def test_timeout_sweep_and_upload_of_the_same_round_do_not_deadlock(api, ctx, clock):
@@ -71,7 +56,7 @@ def test_timeout_sweep_and_upload_of_the_same_round_do_not_deadlock(api, ctx, cl
     sweeper = threading.Thread(target=sweep)
     sweeper.start()
     try:
-        _wait_until_blocked(ctx)
+        wait_until_blocked(ctx, "the timeout sweep")
         # The upload now counts its report on the round and commits.
         assert transitions.count_report(upload, round_pk)
         upload.commit()
