@@ -9,16 +9,15 @@ Only PostgreSQL interleaves the two transactions (SQLite serialises writers with
 IMMEDIATE).
 """
 
-import threading
-
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from fcp_server.services import rounds, task_cancel
 from fcp_server.storage import transitions
 from fcp_server.storage.models import Round, RoundStatus, Task, TaskStatus
 from tests.integration.server import testkit
-from tests.integration.server.row_locks import wait_until_blocked
+from tests.integration.server.row_locks import while_blocked
 from tests.integration.server.testkit import POP
 
 
@@ -69,22 +68,12 @@ def test_a_cancel_during_a_round_close_commit_does_not_deadlock(api, ctx):
     assert transitions.move_round(
         close, rnd.id, RoundStatus.AGGREGATING, RoundStatus.COMPLETED, now=ctx.clock.now()
     )
+
     # ... while an administrator cancels the task and reaches that round.
-    failures: list[BaseException] = []
+    def cancel(session: Session) -> None:
+        task_cancel.cancel_task(session=session, pop=POP, task_id=task_id, now=ctx.clock.now())
 
-    def cancel() -> None:
-        try:
-            with ctx.database.sessions() as session, session.begin():
-                task_cancel.cancel_task(
-                    session=session, pop=POP, task_id=task_id, now=ctx.clock.now()
-                )
-        except BaseException as e:
-            failures.append(e)
-
-    canceler = threading.Thread(target=cancel)
-    canceler.start()
-    try:
-        wait_until_blocked(ctx, "the cancel")
+    with while_blocked(ctx, close, cancel, "the cancel") as failures:
         # The close then moves its task on (round 2 starts) and commits.
         task = close.get(Task, rnd.task_pk)
         assert task is not None
@@ -97,12 +86,6 @@ def test_a_cancel_during_a_round_close_commit_does_not_deadlock(api, ctx):
             checkpoint_sha256="0" * 64,
         )
         close.commit()
-    except BaseException as e:
-        failures.append(e)
-        close.rollback()
-    finally:
-        close.close()
-        canceler.join()
 
     assert not failures, failures
     with ctx.database.sessions() as session:

@@ -9,16 +9,15 @@ assignment lock first and the round locks last, the order uploads and reports us
 SQLite serialises writers (BEGIN IMMEDIATE), so only PostgreSQL can interleave them.
 """
 
-import threading
-
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from fcp_server.services import maintenance
 from fcp_server.storage import transitions
 from fcp_server.storage.models import Assignment, AssignmentStatus, Round
 from tests.integration.server import testkit
-from tests.integration.server.row_locks import wait_until_blocked
+from tests.integration.server.row_locks import while_blocked
 
 
 def test_timeout_sweep_and_upload_of_the_same_round_do_not_deadlock(api, ctx, clock):
@@ -43,29 +42,15 @@ def test_timeout_sweep_and_upload_of_the_same_round_do_not_deadlock(api, ctx, cl
         AssignmentStatus.UPLOAD_COMPLETED,
         now=clock.now(),
     )
+
     # ... while the sweep times out the silent device and then reaches the uploader's row.
-    failures: list[BaseException] = []
+    def sweep(session: Session) -> None:
+        maintenance.expire_assignments(session, now=clock.now(), settings=ctx.settings)
 
-    def sweep() -> None:
-        try:
-            with ctx.database.sessions() as session, session.begin():
-                maintenance.expire_assignments(session, now=clock.now(), settings=ctx.settings)
-        except BaseException as e:
-            failures.append(e)
-
-    sweeper = threading.Thread(target=sweep)
-    sweeper.start()
-    try:
-        wait_until_blocked(ctx, "the timeout sweep")
+    with while_blocked(ctx, upload, sweep, "the timeout sweep") as failures:
         # The upload now counts its report on the round and commits.
         assert transitions.count_report(upload, round_pk)
         upload.commit()
-    except BaseException as e:
-        failures.append(e)
-        upload.rollback()
-    finally:
-        upload.close()
-        sweeper.join()
 
     assert failures == []
     with ctx.database.sessions() as session:
